@@ -1,8 +1,12 @@
 """Scaled dot-product attention shared by every mechanism (eq. 3.2), GQA-aware, float32 softmax."""
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from ...config import ModelConfig
+from ..layers import RMSNorm, cast, param
 
 
 def causal_mask(q_positions, kv_positions):
@@ -29,15 +33,26 @@ def attend(q_BTHD, k_BSKD, v_BSKE, *, scale: float, mask_BTS):
     return out.reshape(b, t, h, v_BSKE.shape[-1])
 
 
-def output_projection(module, o_BTHE):
-    """[optional per-head RMSNorm] then W_O: (h * E) -> d_model, zero-initialised (eq. 3.3)."""
-    import flax.linen as nn
+def output_params(module):
+    """Create W_O [h, E, d_model] (zero-initialised) and the optional per-head output RMSNorm.
 
-    from ..layers import RMSNorm, cast, param
-
+    Works from ``setup`` or a compact method; the parameter tree is ``w_o`` and ``out_norm/scale``.
+    """
     cfg = module.cfg
     h, e, m = cfg.n_head, cfg.value_dim, cfg.d_model
-    if cfg.attn_out_norm:
-        o_BTHE = RMSNorm(cfg, e, cfg.attn_out_norm_eps, True, "head_dim", name="out_norm")(o_BTHE)
-    w = param(module, "w_o", nn.initializers.zeros, (h, e, m), ("heads", "head_dim", "embed"))
-    return jnp.einsum("bthe,hem->btm", cast(o_BTHE, cfg), cast(w, cfg))
+    norm = RMSNorm(cfg, e, cfg.attn_out_norm_eps, True, "head_dim", name="out_norm") if cfg.attn_out_norm else None
+    w_o = param(module, "w_o", nn.initializers.zeros, (h, e, m), ("heads", "head_dim", "embed"))
+    return w_o, norm
+
+
+def project_out(cfg, o_BTHE, w_o, norm=None):
+    """[per-head RMSNorm] then concat heads and W_O (eq. 3.3)."""
+    if norm is not None:
+        o_BTHE = norm(o_BTHE)
+    return jnp.einsum("bthe,hem->btm", cast(o_BTHE, cfg), cast(w_o, cfg))
+
+
+def output_projection(module, o_BTHE):
+    """``project_out`` for compact modules."""
+    w_o, norm = output_params(module)
+    return project_out(module.cfg, o_BTHE, w_o, norm)

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from ...config import ModelConfig
 from ..layers import cast, param, uniform_init
 from ..rope import apply_rope
-from .core import attend, output_projection
+from .core import attend, output_params, project_out
 
 
 def _xavier_bound(fan_in: int, fan_out: int) -> float:
@@ -36,51 +36,66 @@ def _xavier_bound(fan_in: int, fan_out: int) -> float:
 class TPAttention(nn.Module):
     cfg: ModelConfig
 
+    def setup(self):
+        cfg = self.cfg
+        m, h, d, db = cfg.d_model, cfg.n_head, cfg.head_dim, cfg.b_dim
+        official = cfg.factor_init == "official"
+        ranks = {"k": cfg.k_rank, "v": cfg.v_rank}
+        if cfg.attention == "tpa":
+            ranks = {"q": cfg.q_rank, **ranks}
+        else:  # TPA-KVonly: plain query projection
+            self.w_q = param(self, "w_q", uniform_init(_xavier_bound(m, h * d)), (m, h, d),
+                             ("embed", "heads", "head_dim"))
+        a_w, b_w, c_w = {}, {}, {}
+        for n, r in ranks.items():
+            if cfg.contextual_a:  # A(x) = x W^a, W^a in R^{M x R x h}
+                bound = _xavier_bound(h * r, m * r) if official else _xavier_bound(m, r * h)
+                a_w[n] = param(self, f"w_a{n}", uniform_init(bound), (m, r, h), ("embed", "rank", "heads"))
+            else:  # learned constant A in R^{R x h}
+                a_w[n] = param(self, f"a_{n}", uniform_init(_xavier_bound(r, h)), (r, h), ("rank", "heads"))
+            if n == "v" and cfg.shared_kv_b:
+                continue
+            if cfg.contextual_b:
+                bound = _xavier_bound(r * db, m * db) if official else _xavier_bound(m, r * db)
+                b_w[n] = param(self, f"w_b{n}", uniform_init(bound), (m, r, db), ("embed", "rank", "head_dim"))
+            else:
+                b_w[n] = param(self, f"b_{n}", uniform_init(_xavier_bound(r, db)), (r, db), ("rank", "head_dim"))
+            if cfg.tpa_order == 3:
+                dc = cfg.tpa_c_dim
+                bound = _xavier_bound(r * dc, m * dc) if official else _xavier_bound(m, r * dc)
+                c_w[n] = param(self, f"w_c{n}", uniform_init(bound), (m, r, dc), ("embed", "rank", "head_dim"))
+        self.a_w, self.b_w, self.c_w = a_w, b_w, c_w
+        self.w_o, self.out_norm = output_params(self)
+
     # ---------------------------------------------------------------- factors
-    def _a(self, x, name: str, rank: int):
+    def _a(self, x, n: str):
         """Head-dimension factor A, [B, T, R, H] (or [1, 1, R, H] when non-contextual)."""
         cfg = self.cfg
-        m, h = cfg.d_model, cfg.n_head
-        if cfg.contextual_a:
-            bound = (_xavier_bound(h * rank, m * rank) if cfg.factor_init == "official"
-                     else _xavier_bound(m, rank * h))
-            w = param(self, f"w_a{name}", uniform_init(bound), (m, rank, h), ("embed", "rank", "heads"))
-            a = jnp.einsum("btm,mrh->btrh", x, cast(w, cfg))
-        else:
-            w = param(self, f"a_{name}", uniform_init(_xavier_bound(rank, h)), (rank, h), ("rank", "heads"))
-            a = cast(w, cfg)[None, None]
+        w = cast(self.a_w[n], cfg)
+        a = jnp.einsum("btm,mrh->btrh", x, w) if cfg.contextual_a else w[None, None]
         if cfg.head_factor_activation == "sigmoid":
             a = jax.nn.sigmoid(a)
         elif cfg.head_factor_activation == "softmax":
             a = jax.nn.softmax(a.astype(jnp.float32), axis=-1).astype(a.dtype)
         return a
 
-    def _b(self, x, name: str, rank: int, rope):
-        """Token-dimension factor B, [B, T, R, d_h] (d_h = d_c * d_b for third order), RoPE'd if asked."""
-        cfg = self.cfg
-        m, db = cfg.d_model, cfg.b_dim
-        if cfg.contextual_b:
-            bound = (_xavier_bound(rank * db, m * db) if cfg.factor_init == "official"
-                     else _xavier_bound(m, rank * db))
-            w = param(self, f"w_b{name}", uniform_init(bound), (m, rank, db), ("embed", "rank", "head_dim"))
-            b = jnp.einsum("btm,mrd->btrd", x, cast(w, cfg))
-        else:
-            w = param(self, f"b_{name}", uniform_init(_xavier_bound(rank, db)), (rank, db), ("rank", "head_dim"))
-            b = jnp.broadcast_to(cast(w, cfg)[None, None], (x.shape[0], x.shape[1], rank, db))
-        return self._finish_b(x, name, rank, b, rope)
+    def _b(self, x, n: str, rope):
+        """Token-dimension factor B, [B, T, R, d_h], RoPE'd when ``rope`` is given.
 
-    def _finish_b(self, x, name: str, rank: int, b, rope):
+        Third order: B = vec(b (x) c) with RoPE on b (Theorem C.1); vec stacks columns, so the
+        d_h index is j * d_b + i for c index j and b index i.
+        """
         cfg = self.cfg
+        w = cast(self.b_w[n], cfg)
+        if cfg.contextual_b:
+            b = jnp.einsum("btm,mrd->btrd", x, w)
+        else:
+            b = jnp.broadcast_to(w[None, None], (x.shape[0], x.shape[1]) + w.shape)
         if rope is not None:
             b = apply_rope(b, *rope)
         if cfg.tpa_order == 3:
-            m, dc = cfg.d_model, cfg.tpa_c_dim
-            bound = (_xavier_bound(rank * dc, m * dc) if cfg.factor_init == "official"
-                     else _xavier_bound(m, rank * dc))
-            w = param(self, f"w_c{name}", uniform_init(bound), (m, rank, dc), ("embed", "rank", "head_dim"))
-            c = jnp.einsum("btm,mrc->btrc", x, cast(w, cfg))
-            # vec(b (x) c): column-stacking of the d_b x d_c matrix -> index j * d_b + i
-            b = jnp.einsum("btrc,btrd->btrcd", c, b).reshape(*b.shape[:3], dc * b.shape[-1])
+            c = jnp.einsum("btm,mrc->btrc", x, cast(self.c_w[n], cfg))
+            b = jnp.einsum("btrc,btrd->btrcd", c, b).reshape(*b.shape[:3], c.shape[-1] * b.shape[-1])
         return b
 
     @staticmethod
@@ -89,38 +104,31 @@ class TPAttention(nn.Module):
         return jnp.einsum("btrh,btrd->bthd", a_BTRH, b_BTRD) / rank
 
     def factors(self, x, rope):
-        """All factors of one layer: dict with a_q/b_q (or q), a_k, b_k (pre-rotated), a_v, b_v."""
+        """All factors of one layer: a_q/b_q (TPA only), a_k, b_k (pre-rotated, eq. 3.5), a_v, b_v."""
         cfg = self.cfg
-        out = {}
+        x = cast(x, cfg)
+        f = {}
         if cfg.attention == "tpa":
-            out["a_q"] = self._a(x, "q", cfg.q_rank)
-            out["b_q"] = self._b(x, "q", cfg.q_rank, rope)
-        out["a_k"] = self._a(x, "k", cfg.k_rank)
-        out["a_v"] = self._a(x, "v", cfg.v_rank)
-        if cfg.shared_kv_b:
-            b = self._b(x, "k", cfg.k_rank, None)  # one shared factor, rotated for K only
-            out["b_k"] = apply_rope(b, *rope)
-            out["b_v"] = b
+            f["a_q"], f["b_q"] = self._a(x, "q"), self._b(x, "q", rope)
+        f["a_k"], f["a_v"] = self._a(x, "k"), self._a(x, "v")
+        if cfg.shared_kv_b:  # one factor; K sees it rotated, V as is
+            f["b_v"] = self._b(x, "k", None)
+            f["b_k"] = apply_rope(f["b_v"], *rope)
         else:
-            out["b_k"] = self._b(x, "k", cfg.k_rank, rope)
-            out["b_v"] = self._b(x, "v", cfg.v_rank, None)
-        return out
+            f["b_k"], f["b_v"] = self._b(x, "k", rope), self._b(x, "v", None)
+        return f
 
     def query(self, x, f, rope):
         cfg = self.cfg
         if cfg.attention == "tpa":
             return self.contract(f["a_q"], f["b_q"], cfg.q_rank)
-        m, h, d = cfg.d_model, cfg.n_head, cfg.head_dim
-        w = param(self, "w_q", uniform_init(_xavier_bound(m, h * d)), (m, h, d), ("embed", "heads", "head_dim"))
-        return apply_rope(jnp.einsum("btm,mhd->bthd", x, cast(w, cfg)), *rope)
+        return apply_rope(jnp.einsum("btm,mhd->bthd", cast(x, cfg), cast(self.w_q, cfg)), *rope)
 
-    @nn.compact
     def __call__(self, x_BTM, rope, mask_BTS):
         cfg = self.cfg
-        x = cast(x_BTM, cfg)
-        f = self.factors(x, rope)
-        q = self.query(x, f, rope)
+        f = self.factors(x_BTM, rope)
+        q = self.query(x_BTM, f, rope)
         k = self.contract(f["a_k"], f["b_k"], cfg.k_rank)
         v = self.contract(f["a_v"], f["b_v"], cfg.v_rank)
         o = attend(q, k, v, scale=cfg.attn_scale, mask_BTS=mask_BTS)
-        return output_projection(self, o)
+        return project_out(cfg, o, self.w_o, self.out_norm)

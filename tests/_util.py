@@ -1,0 +1,59 @@
+"""Shared helpers for the tests."""
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tpa_jax import ModelConfig, Transformer
+
+BASE = ModelConfig(vocab_size=97, n_layer=2, d_model=48, n_head=6, head_dim=8, q_rank=3, k_rank=2, v_rank=2,
+                   compute_dtype="float32", max_seq_len=64)
+
+MLA_FIELDS = dict(attention="mla", n_head=4, q_lora_rank=20, kv_lora_rank=12, rope_head_dim=4, v_head_dim=6)
+
+# every mechanism and every TPA variant, on tiny sizes
+VARIANTS = {
+    "tpa": {},
+    "tpa_kvonly": dict(attention="tpa_kvonly"),
+    "mha": dict(attention="mha"),
+    "mqa": dict(attention="mqa"),
+    "gqa": dict(attention="gqa", n_kv_head=3),
+    "mla": MLA_FIELDS,
+    "tpa_nonctx_a": dict(contextual_a=False),
+    "tpa_nonctx_b": dict(contextual_b=False),
+    "tpa_shared_b": dict(shared_kv_b=True),
+    "tpa_order3": dict(tpa_order=3, tpa_c_dim=2),
+    "tpa_sigmoid": dict(head_factor_activation="sigmoid"),
+    "tpa_softmax": dict(head_factor_activation="softmax"),
+    "tpa_outnorm": dict(attn_out_norm=True),
+    "tpa_r1": dict(q_rank=1, k_rank=1, v_rank=1),
+    "tpa_kvonly_outnorm_weighted": dict(attention="tpa_kvonly", attn_out_norm=True, norm_weight=True),
+}
+
+
+def cfg_of(name, **extra):
+    return dataclasses.replace(BASE, **{**VARIANTS[name], **extra})
+
+
+def init_params(cfg, seed=0, seq=8, randomize=True):
+    """Unboxed params; zero-initialised output projections get random values so tests can see them."""
+    model = Transformer(cfg)
+    params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(seed), jnp.zeros((1, seq), jnp.int32))["params"])
+    if randomize:
+        leaves, tree = jax.tree_util.tree_flatten(params)
+        keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
+        leaves = [l if np.any(np.asarray(l)) else 0.3 * jax.random.normal(k, l.shape, l.dtype)
+                  for l, k in zip(leaves, keys)]
+        params = jax.tree_util.tree_unflatten(tree, leaves)
+    return model, params
+
+
+def tokens(cfg, batch=2, seq=12, seed=0):
+    return jnp.asarray(np.random.default_rng(seed).integers(0, cfg.vocab_size, (batch, seq)), jnp.int32)
+
+
+def forward(model):
+    """jit-compiled logits function (eager Flax apply is slow)."""
+    return jax.jit(lambda p, t: model.apply({"params": p}, t))
