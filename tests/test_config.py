@@ -48,6 +48,7 @@ BAD = [
     (dict(tpa_order=3, tpa_c_dim=3), "tpa_c_dim"),  # does not divide 16
     (dict(tpa_order=3, tpa_c_dim=16), "tpa_c_dim"),  # d_b = 1 is odd
     (dict(tpa_order=3, tpa_c_dim=2, contextual_a=False), "tpa_order"),
+    (dict(attention="tpa_kvonly", tpa_order=3, tpa_c_dim=2), "tpa_order"),
     (dict(head_factor_activation="relu"), "head_factor_activation"),
     (dict(factor_init="he"), "factor_init"),
     (dict(attention="mha", contextual_a=False), "contextual_a"),

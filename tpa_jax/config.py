@@ -109,6 +109,8 @@ class ModelConfig:
             if self.tpa_order not in (2, 3):
                 raise _err("tpa_order", "2 or 3", self.tpa_order)
             if self.tpa_order == 3:
+                if self.attention != "tpa":
+                    raise _err("tpa_order", "2 for tpa_kvonly (third order factorises Q, K and V)", 3)
                 c = self.tpa_c_dim
                 if c is None or isinstance(c, bool) or not isinstance(c, int) or c < 1 or self.head_dim % c:
                     raise _err("tpa_c_dim", f"a divisor of head_dim={self.head_dim} for third-order TPA", c)

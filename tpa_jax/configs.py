@@ -31,12 +31,12 @@ PAPER_SIZES = {
                kv_lora_rank=512, q_lora_rank=1024),
 }
 
-# CPU-sized members of the same parameter-matched family (byte vocabulary, head_dim 16).
+# CPU-sized members of the same parameter-matched family (byte vocabulary; head_dim 16 / 32).
 # Head counts chosen as Table 10 does: attention parameters closest to MHA's 4 d_model^2.
 TINY_SIZES = {
-    "tiny": dict(n_layer=2, d_model=64, heads=dict(mha=4, mqa=7, gqa=6, mla=4, tpa_kvonly=6, tpa=10),
+    "tiny": dict(n_layer=2, d_model=64, heads=dict(mha=4, mqa=7, gqa=6, mla=3, tpa_kvonly=5, tpa=4),
                  kv_lora_rank=32, q_lora_rank=48, head_dim=16, rope_head_dim=8, vocab_size=256, max_seq_len=256),
-    "mini": dict(n_layer=4, d_model=128, heads=dict(mha=4, mqa=7, gqa=6, mla=4, tpa_kvonly=6, tpa=10),
+    "mini": dict(n_layer=4, d_model=128, heads=dict(mha=4, mqa=7, gqa=6, mla=3, tpa_kvonly=6, tpa=5),
                  kv_lora_rank=64, q_lora_rank=96, head_dim=32, rope_head_dim=16, vocab_size=256, max_seq_len=512),
 }
 
