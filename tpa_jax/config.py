@@ -210,3 +210,175 @@ class ModelConfig:
     @classmethod
     def from_json(cls, text: str) -> "ModelConfig":
         return cls.from_dict(json.loads(text))
+
+
+# ====================================================================== training configs
+def _check(cls_name: str, field: str, ok: bool, expected: str, got: Any) -> None:
+    if not ok:
+        raise ValueError(f"{cls_name}.{field}: expected {expected}, got {got!r}")
+
+
+def _int_ge(v: Any, minimum: int) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= minimum
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    source: str = "embedded"  # "embedded" (stdlib sources) or "manifest" (prepared shards at `path`)
+    path: Optional[str] = None  # manifest file or directory for source="manifest"
+    tokenizer: str = "byte"  # tokenizer for the embedded corpus
+    cache_dir: Optional[str] = None  # where embedded shards are written (default: ~/.cache/tpa_jax/...)
+    seq_len: int = 128
+
+    def __post_init__(self):
+        _check("DataConfig", "source", self.source in ("embedded", "manifest"), "'embedded' or 'manifest'",
+               self.source)
+        _check("DataConfig", "path", self.source != "manifest" or bool(self.path),
+               "a manifest path when source='manifest'", self.path)
+        _check("DataConfig", "seq_len", _int_ge(self.seq_len, 1), "an integer >= 1", self.seq_len)
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with linear warmup then cosine decay to min_lr (paper App. H.1 defaults)."""
+
+    lr: float = 6e-4
+    min_lr: float = 3e-5
+    warmup_steps: int = 2000
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1  # on >= 2-D weights only
+    grad_clip: float = 1.0  # global-norm clipping; 0 disables
+    accum_steps: int = 1  # gradient accumulation micro-steps per update
+
+    def __post_init__(self):
+        for f in ("lr", "b1", "b2", "eps"):
+            v = getattr(self, f)
+            _check("OptimConfig", f, isinstance(v, (int, float)) and v > 0, "a number > 0", v)
+        for f in ("min_lr", "weight_decay", "grad_clip"):
+            v = getattr(self, f)
+            _check("OptimConfig", f, isinstance(v, (int, float)) and v >= 0, "a number >= 0", v)
+        _check("OptimConfig", "min_lr", self.min_lr <= self.lr, f"<= lr={self.lr}", self.min_lr)
+        _check("OptimConfig", "warmup_steps", _int_ge(self.warmup_steps, 0), "an integer >= 0", self.warmup_steps)
+        _check("OptimConfig", "accum_steps", _int_ge(self.accum_steps, 1), "an integer >= 1", self.accum_steps)
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh axes; -1 fills with the remaining devices."""
+
+    data: int = 1
+    fsdp: int = -1
+    tensor: int = 1
+
+    def __post_init__(self):
+        for f in ("data", "fsdp", "tensor"):
+            v = getattr(self, f)
+            _check("MeshConfig", f, isinstance(v, int) and not isinstance(v, bool) and (v >= 1 or v == -1),
+                   "an integer >= 1 or -1", v)
+        _check("MeshConfig", "fsdp", [self.data, self.fsdp, self.tensor].count(-1) <= 1,
+               "at most one axis set to -1", (self.data, self.fsdp, self.tensor))
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    model: Any = "t6-tiny"  # a named config (tpa_jax.configs) or a ModelConfig
+    data: DataConfig = DataConfig()
+    optim: OptimConfig = OptimConfig()
+    mesh: MeshConfig = MeshConfig()
+    run_dir: str = "runs/t6-tiny"
+    steps: int = 1000
+    batch_size: int = 16  # global batch (sequences per optimizer update, across all micro-steps)
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 250
+    eval_batches: int = 8
+    save_every: int = 250
+    keep: int = 3  # keep the last N checkpoints
+    keep_every: Optional[int] = None  # additionally keep every K-th step
+    nan_policy: str = "stop"  # "stop": raise on a non-finite loss; "skip": drop that update
+    profile_steps: Optional[tuple] = None  # (start, stop) step range for a jax.profiler trace
+    sample_tokens: int = 200  # greedy sample length printed at the end (0: none)
+    sample_prompt: str = "def "
+
+    def __post_init__(self):
+        if isinstance(self.model, str):
+            from . import configs
+
+            object.__setattr__(self, "model", configs.get(self.model))
+        elif isinstance(self.model, Mapping):
+            object.__setattr__(self, "model", ModelConfig.from_dict(self.model))
+        _check("TrainConfig", "model", isinstance(self.model, ModelConfig), "a config name or ModelConfig",
+               self.model)
+        for f, sub in (("data", DataConfig), ("optim", OptimConfig), ("mesh", MeshConfig)):
+            v = getattr(self, f)
+            if isinstance(v, Mapping):
+                object.__setattr__(self, f, sub(**v))
+        for f, lo in (("steps", 1), ("batch_size", 1), ("log_every", 1), ("eval_every", 1), ("eval_batches", 1),
+                      ("save_every", 1), ("keep", 1), ("seed", 0), ("sample_tokens", 0)):
+            _check("TrainConfig", f, _int_ge(getattr(self, f), lo), f"an integer >= {lo}", getattr(self, f))
+        _check("TrainConfig", "batch_size", self.batch_size % self.optim.accum_steps == 0,
+               f"a multiple of optim.accum_steps={self.optim.accum_steps}", self.batch_size)
+        _check("TrainConfig", "nan_policy", self.nan_policy in ("stop", "skip"), "'stop' or 'skip'", self.nan_policy)
+        _check("TrainConfig", "data.seq_len", self.data.seq_len <= self.model.max_seq_len,
+               f"<= the model's max_seq_len={self.model.max_seq_len}", self.data.seq_len)
+        if self.profile_steps is not None:
+            object.__setattr__(self, "profile_steps", tuple(self.profile_steps))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"TrainConfig: unknown field(s) {unknown}; known fields are {sorted(known)}")
+        return cls(**dict(d))
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def apply_overrides(d: dict, overrides) -> dict:
+    """Apply ``a.b.c=value`` overrides (JSON values, bare strings allowed) to a nested dict."""
+    d = json.loads(json.dumps(d))
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r}: expected key.path=value")
+        key, value = item.split("=", 1)
+        node = d
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            if p not in node or not isinstance(node[p], dict):
+                if p == "model" and isinstance(node.get(p), str):
+                    from . import configs
+
+                    node[p] = configs.get(node[p]).to_dict()
+                else:
+                    node.setdefault(p, {})
+            node = node[p]
+        node[parts[-1]] = _parse_value(value)
+    return d
+
+
+def load_train_config(path: Optional[str] = None, overrides=()) -> TrainConfig:
+    """TrainConfig from a JSON file (or the defaults) plus dotted command-line overrides."""
+    d: dict = {}
+    if path:
+        import os
+
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"config file {path!r} does not exist")
+        with open(path) as f:
+            try:
+                d = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"config file {path!r}: invalid JSON ({e})") from None
+    d = apply_overrides(d, overrides)
+    return TrainConfig.from_dict(d)

@@ -1,0 +1,231 @@
+"""Training-step throughput (forward + backward + SGD update) of every attention mechanism.
+
+    python bench/forward.py                      # mini family, batch 8 x 256 tokens, float32
+    python bench/forward.py --quick              # smoke run (seconds)
+    python bench/forward.py --heads matched      # re-choose head counts by counting parameters
+
+All mechanisms share d_model, layers, head_dim and vocabulary (``tpa_jax.configs.family(size)``),
+with the family's head counts, which are chosen so that one attention layer's parameters are
+closest to MHA's (Table 10's rule).  The JSON reports each mechanism's attention parameters and
+their ratio to MHA's so the match is checked on every run; ``--heads matched`` re-chooses the
+head counts here by counting the built parameters (independent of the configs table).
+
+Steps of all mechanisms are timed interleaved (round robin, rotating order) in one process after
+one compile and ``--warmup`` untimed steps each, so machine-load drift hits every mechanism alike.
+Prints one JSON object: configuration, per-mechanism medians / tokens per second / parameter counts,
+and ``ratio_to_mha`` (tokens/s over MHA's, wall clock); ``ratio_to_mha_cpu_time`` is the same ratio
+from the process's CPU time per step, which other load on a shared machine disturbs less.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if "--quick" in sys.argv[1:]:
+    # Smoke run: compile time dominates, so let LLVM skip its optimisation passes (~2x faster
+    # compiles on CPU).  Must be set before jax creates its backend; never used for real numbers.
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+import tpa_jax  # noqa: E402
+from tpa_jax import configs  # noqa: E402
+
+BASELINE = "mha"
+
+
+def _unbox(tree):
+    import flax.linen as nn
+
+    box = lambda x: isinstance(x, nn.LogicallyPartitioned)  # noqa: E731
+    return jax.tree.map(lambda b: b.value if box(b) else b, tree, is_leaf=box)
+
+
+def _count(tree) -> int:
+    return int(sum(math.prod(x.shape) for x in jax.tree.leaves(tree)))
+
+
+def param_counts(cfg) -> tuple[int, int]:
+    """(attention parameters of one layer incl. W_O, all model parameters)."""
+    try:  # the project's closed-form accounting, once it exists
+        from tpa_jax import accounting
+
+        return int(accounting.attention_params(cfg)), int(accounting.model_params(cfg))
+    except (ImportError, AttributeError):
+        pass
+    abstract = jax.eval_shape(tpa_jax.Transformer(cfg).init, jax.random.key(0), jnp.zeros((1, 2), jnp.int32))
+    params = _unbox(abstract)["params"]
+    return _count(params["blocks"]["attn"]) // cfg.n_layer, _count(params)
+
+
+def flops_per_token(cfg, seq_len: int):
+    """Training FLOPs per token from tpa_jax.accounting (None while it does not exist)."""
+    try:
+        from tpa_jax import accounting
+
+        return float(accounting.flops_per_token(cfg, seq_len, training=True))
+    except (ImportError, AttributeError, TypeError):
+        return None
+
+
+def matched_family(size: str, **overrides) -> dict:
+    """configs.family(size) with each mechanism's n_head re-chosen to match MHA's attention parameters."""
+    family = configs.family(size, **overrides)
+    target, _ = param_counts(configs.replace(family[BASELINE], n_layer=1))
+    out = {}
+    for name, cfg in family.items():
+        if name == BASELINE:
+            out[name] = cfg
+            continue
+        best = None
+        for h in range(1, 4 * family[BASELINE].n_head + 1):
+            try:
+                cand = configs.replace(cfg, n_head=h, n_layer=1)
+            except ValueError:  # e.g. GQA heads not divisible by n_kv_head
+                continue
+            gap = abs(param_counts(cand)[0] - target)
+            if best is None or gap < best[0]:
+                best = (gap, h)
+        out[name] = configs.replace(cfg, n_head=best[1])
+    return out
+
+
+def init_params(model, tokens, host_random: bool):
+    """The model's own init (jitted), or, for smoke runs, N(0, 0.02^2) host arrays of the same
+    shapes (threefry draws are the slowest thing XLA:CPU compiles; values do not change speed)."""
+    if not host_random:
+        return jax.jit(lambda k: _unbox(model.init(k, tokens)["params"]))(jax.random.key(0))
+    abstract = _unbox(jax.eval_shape(model.init, jax.random.key(0), tokens)["params"])
+    rng = np.random.default_rng(0)
+    return jax.tree.map(lambda x: jnp.asarray((0.02 * rng.standard_normal(x.shape)).astype(x.dtype)), abstract)
+
+
+def make_step(model):
+    def loss_fn(params, tokens):
+        logits = model.apply({"params": params}, tokens[:, :-1])
+        return tpa_jax.cross_entropy(logits, tokens[:, 1:])
+
+    @jax.jit
+    def step(params, tokens):
+        loss, grads = jax.value_and_grad(loss_fn)(params, tokens)
+        return jax.tree.map(lambda p, g: p - 1e-3 * g, params, grads), loss
+
+    return step
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--size", default="mini", help="configs family size (default mini)")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--reps", type=int, default=15, help="timed steps per mechanism")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps per mechanism after compiling")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="compute dtype")
+    ap.add_argument("--heads", default="config", choices=("config", "matched"),
+                    help="config: the family's head counts; matched: re-chosen here to match MHA's attention params")
+    ap.add_argument("--mechanisms", default=None, help="comma-separated subset (default: all; mha always runs)")
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke run: tiny family, batch 2 x 32, 2 reps, unoptimised XLA, random params "
+                         "(not a measurement)")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.size, args.batch, args.seq_len, args.reps, args.warmup = "tiny", 2, 32, 2, 1
+
+    overrides = dict(compute_dtype=args.dtype)
+    if args.heads == "matched":
+        family = matched_family(args.size, **overrides)
+    else:
+        family = configs.family(args.size, **overrides)
+    if args.mechanisms:
+        keep = {m.strip() for m in args.mechanisms.split(",")} | {BASELINE}
+        unknown = keep - set(family)
+        if unknown:
+            raise SystemExit(f"--mechanisms: unknown {sorted(unknown)}; expected some of {sorted(family)}")
+        family = {k: v for k, v in family.items() if k in keep}
+    for cfg in family.values():
+        if args.seq_len > cfg.max_seq_len:
+            raise SystemExit(f"--seq-len: expected <= max_seq_len={cfg.max_seq_len}, got {args.seq_len}")
+
+    tokens = jax.random.randint(jax.random.key(1), (args.batch, args.seq_len + 1), 0, family[BASELINE].vocab_size,
+                                dtype=jnp.int32)
+    state, results = {}, {}
+    for name, cfg in family.items():
+        model = tpa_jax.Transformer(cfg)
+        params = init_params(model, tokens[:, :-1], host_random=args.quick)
+        step = make_step(model)
+        t0 = time.perf_counter()
+        compiled = step.lower(params, tokens).compile()
+        compile_s = time.perf_counter() - t0
+        for _ in range(args.warmup):
+            params, loss = compiled(params, tokens)
+        jax.block_until_ready(params)
+        attn_p, model_p = param_counts(cfg)
+        state[name] = dict(step=compiled, params=params, times=[], cpu=[])
+        results[name] = dict(n_head=cfg.n_head, attention_params_per_layer=attn_p, model_params=model_p,
+                             train_flops_per_token=flops_per_token(cfg, args.seq_len), compile_s=round(compile_s, 3))
+
+    names = list(family)
+    for r in range(args.reps):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for name in order:
+            s = state[name]
+            t0, c0 = time.perf_counter(), time.process_time()
+            s["params"], loss = s["step"](s["params"], tokens)
+            jax.block_until_ready((s["params"], loss))
+            s["times"].append(time.perf_counter() - t0)
+            s["cpu"].append(time.process_time() - c0)
+            s["loss"] = float(loss)
+
+    n_tok = args.batch * args.seq_len
+    for name in names:
+        times = state[name]["times"]
+        med = statistics.median(times)
+        results[name].update(median_s=round(med, 9), min_s=round(min(times), 9),
+                             cpu_median_s=round(statistics.median(state[name]["cpu"]), 9),
+                             tokens_per_s=round(n_tok / med, 1), final_loss=round(state[name]["loss"], 4))
+    for name in names:
+        r = results[name]
+        r["attention_params_vs_mha"] = round(r["attention_params_per_layer"]
+                                             / results[BASELINE]["attention_params_per_layer"], 4)
+        if r["train_flops_per_token"] and results[BASELINE]["train_flops_per_token"]:
+            # the ratio a purely FLOP-bound implementation would reach
+            r["flops_ratio_to_mha"] = round(results[BASELINE]["train_flops_per_token"] / r["train_flops_per_token"], 4)
+    base = results[BASELINE]["tokens_per_s"]
+    ratios = {name: round(results[name]["tokens_per_s"] / base, 4) for name in names}
+    # the same ratio from this process's CPU time: less sensitive to other load on a shared machine
+    base_cpu = results[BASELINE]["cpu_median_s"]
+    cpu_ratios = {name: round(base_cpu / results[name]["cpu_median_s"], 4) for name in names}
+    for name in names:
+        results[name]["ratio_to_mha"] = ratios[name]
+        results[name]["ratio_to_mha_cpu_time"] = cpu_ratios[name]
+
+    out = {
+        "benchmark": "train_step_forward_backward",
+        "config": {
+            "size": args.size, "heads": args.heads, "batch": args.batch, "seq_len": args.seq_len,
+            "tokens_per_step": n_tok, "reps": args.reps, "warmup": args.warmup, "compute_dtype": args.dtype,
+            "d_model": family[BASELINE].d_model, "n_layer": family[BASELINE].n_layer,
+            "head_dim": family[BASELINE].head_dim, "vocab_size": family[BASELINE].vocab_size,
+            "backend": jax.default_backend(), "devices": jax.device_count(), "cpu_count": os.cpu_count(),
+            "jax": jax.__version__, "python": platform.python_version(), "quick": args.quick,
+        },
+        "baseline": BASELINE,
+        "results": results,
+        "ratio_to_mha": ratios,
+        "ratio_to_mha_cpu_time": cpu_ratios,
+    }
+    print(json.dumps(out, indent=1))
+    return out
+
+
+if __name__ == "__main__":
+    main()

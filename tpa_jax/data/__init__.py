@@ -1,0 +1,14 @@
+"""Data: embedded corpus, tokenizers, token shards + manifest, Grain pipeline."""
+from .tokenizers import ByteTokenizer, HFTokenizer, TiktokenTokenizer, Tokenizer, load_tokenizer
+from .shards import (check_compatible, default_cache_dir, load_manifest, prepare_embedded, prepare_files,
+                     prepare_hf, read_split, split_tokens, token_dtype)
+from .pipeline import TokenWindows, eval_batches, make_dataset, make_iterator, split_batch, to_global
+from . import corpus
+
+__all__ = [
+    "Tokenizer", "ByteTokenizer", "TiktokenTokenizer", "HFTokenizer", "load_tokenizer",
+    "prepare_embedded", "prepare_files", "prepare_hf", "load_manifest", "check_compatible",
+    "default_cache_dir", "read_split", "split_tokens", "token_dtype",
+    "TokenWindows", "make_dataset", "make_iterator", "eval_batches", "split_batch", "to_global",
+    "corpus",
+]

@@ -1,0 +1,73 @@
+"""Command line of ``train.py`` (also the ``tpa-train`` console script)."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+DEFAULT_CONFIG = "t6-tiny.json"
+
+
+def _maybe_init_distributed() -> None:
+    """Multi-host: initialise when launched with the usual coordinator/process environment."""
+    import jax
+
+    env = os.environ
+    if env.get("JAX_COORDINATOR_ADDRESS") or env.get("COORDINATOR_ADDRESS"):
+        jax.distributed.initialize(
+            coordinator_address=env.get("JAX_COORDINATOR_ADDRESS") or env.get("COORDINATOR_ADDRESS"),
+            num_processes=int(env["JAX_NUM_PROCESSES"]) if "JAX_NUM_PROCESSES" in env else None,
+            process_id=int(env["JAX_PROCESS_ID"]) if "JAX_PROCESS_ID" in env else None,
+        )
+    elif env.get("TPU_WORKER_HOSTNAMES") and "," in env.get("TPU_WORKER_HOSTNAMES", ""):
+        jax.distributed.initialize()  # multi-host TPU VM: everything is discovered
+
+
+def default_config_path() -> str:
+    here = os.path.dirname(os.path.abspath(__file__))
+    for root in (os.getcwd(), os.path.join(here, "..", "..")):
+        p = os.path.join(root, "configs", DEFAULT_CONFIG)
+        if os.path.exists(p):
+            return p
+    return ""
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="Train a T6 / TPA model (or a baseline).")
+    parser.add_argument("--config", default=None, help="JSON training config (default: configs/t6-tiny.json)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-3 model=mha-tiny")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    for noisy in ("absl", "jax._src", "orbax"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+    from ..config import load_train_config
+
+    try:
+        tcfg = load_train_config(args.config or default_config_path(), args.overrides)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    _maybe_init_distributed()
+    from ..accounting import model_params
+    from .loop import NonFiniteLossError, train
+
+    cfg = tcfg.model
+    print(f"model: {cfg.attention} L={cfg.n_layer} d={cfg.d_model} h={cfg.n_head} "
+          f"params={model_params(cfg):,}; run_dir={tcfg.run_dir}", flush=True)
+    try:
+        summary = train(tcfg, progress=not args.no_progress)
+    except (ValueError, FileNotFoundError, NonFiniteLossError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if summary["interrupted"]:
+        print(f"stopped at step {summary['step']}; checkpoint saved in {summary['checkpoint_dir']} "
+              f"(run the same command to resume)")
+        return 0
+    print(f"done: step {summary['step']}  val_loss {summary['val_loss']:.4f}  val_ppl {summary['val_ppl']:.2f}")
+    print(f"checkpoints: {summary['checkpoint_dir']}")
+    if "sample" in summary:
+        print("sample (greedy):\n" + summary["sample"])
+    return 0

@@ -1,0 +1,268 @@
+"""The training loop: mesh, sharded state, Grain data, jit step, eval, Orbax checkpoints, resume,
+signals, NaN handling, metrics.  ``train(TrainConfig)`` is what ``train.py`` runs."""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import signal
+import time
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from .. import accounting, parallel
+from ..config import TrainConfig
+from ..data import check_compatible, eval_batches, load_manifest, load_tokenizer, make_iterator, prepare_embedded
+from ..model import Transformer
+from . import checkpoint as ckpt
+from .metrics import MetricsWriter, peak_flops
+from .optimizer import lr_schedule, make_optimizer
+from .step import make_eval_step, make_train_step
+
+log = logging.getLogger("tpa_jax.train")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss or gradient norm became NaN/inf (nan_policy='stop')."""
+
+
+def resolve_manifest(tcfg: TrainConfig) -> dict:
+    d = tcfg.data
+    if d.source == "embedded":
+        return load_manifest(prepare_embedded(d.cache_dir, tokenizer=d.tokenizer))
+    return load_manifest(d.path)
+
+
+class _StopFlag:
+    """SIGTERM / SIGINT: finish the current step, save, exit cleanly."""
+
+    def __init__(self):
+        self.signal = None
+        self.active = False
+
+    def __call__(self, signum, frame):
+        self.signal = signum
+        log.warning("received signal %d: stopping after this step and saving a checkpoint", signum)
+
+    @contextlib.contextmanager
+    def installed(self):
+        old = {}
+        try:
+            for s in (signal.SIGTERM, signal.SIGINT):
+                old[s] = signal.signal(s, self)
+            self.active = True
+        except ValueError:  # not the main thread: no handlers
+            pass
+        try:
+            yield self
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+            self.active = False
+
+
+def greedy_sample(model, params, prompt_ids: Sequence[int], n_new: int, max_len: int) -> list[int]:
+    """Greedy decoding by full forward passes over a fixed-size buffer (one compile)."""
+    prompt_ids = list(prompt_ids)[-max_len + 1:] or [0]
+    total = min(max_len, len(prompt_ids) + n_new)
+    buf = np.zeros((1, total), np.int32)
+    buf[0, : len(prompt_ids)] = prompt_ids
+    fwd = jax.jit(lambda p, t, i: jnp.argmax(model.apply({"params": p}, t)[0, i - 1]))
+    tokens = jnp.asarray(buf)
+    for i in range(len(prompt_ids), total):
+        tokens = tokens.at[0, i].set(fwd(params, tokens, i))
+    return [int(t) for t in np.asarray(tokens[0])]
+
+
+def evaluate(eval_fn, params, manifest, tcfg: TrainConfig, batch_shard) -> dict:
+    losses = []
+    for batch in eval_batches(manifest, tcfg.data.seq_len, tcfg.batch_size // tcfg.optim.accum_steps,
+                              tcfg.eval_batches):
+        losses.append(float(eval_fn(params, jax.device_put(batch, batch_shard))))
+    loss = float(np.mean(losses))
+    return {"val_loss": loss, "val_ppl": float(math.exp(min(loss, 50.0)))}
+
+
+def train(tcfg: TrainConfig, *, devices=None, progress: bool = True, stop_at_step: Optional[int] = None) -> dict:
+    """Train (or resume) the run in ``tcfg.run_dir``; returns a summary dict.
+
+    ``stop_at_step`` simulates a SIGTERM arriving during that step (used by tests).
+    """
+    cfg = tcfg.model
+    is_main = jax.process_index() == 0
+    # ---- data and bad input, before anything is compiled
+    manifest = resolve_manifest(tcfg)
+    check_compatible(manifest, cfg.vocab_size, tcfg.data.seq_len, cfg.max_seq_len)
+    tokenizer = load_tokenizer(manifest["tokenizer"])
+    if tcfg.batch_size % jax.process_count():
+        raise ValueError(f"TrainConfig.batch_size: expected a multiple of the process count "
+                         f"{jax.process_count()}, got {tcfg.batch_size}")
+
+    os.makedirs(tcfg.run_dir, exist_ok=True)
+    if is_main:
+        with open(os.path.join(tcfg.run_dir, "config.json"), "w") as f:
+            json.dump(tcfg.to_dict(), f, indent=1)
+
+    # ---- mesh and sharded state
+    mesh = parallel.mesh_from_config(tcfg.mesh, devices=devices)
+    model = Transformer(cfg)
+    seq = tcfg.data.seq_len
+    params = parallel.shard_params(model, cfg, mesh, jax.random.key(tcfg.seed), jnp.zeros((1, seq), jnp.int32))
+    schedule = lr_schedule(tcfg.optim, tcfg.steps)
+    tx = make_optimizer(tcfg.optim, tcfg.steps)
+    param_sh = jax.tree_util.tree_map(lambda x: x.sharding, params)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    opt_state = jax.jit(tx.init)(params)  # moments inherit the params' shardings; counters: replicate
+    state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": opt_state}
+    state_sh = jax.tree_util.tree_map(
+        lambda x: x.sharding if isinstance(x.sharding, NamedSharding) and x.sharding.mesh == mesh else replicated,
+        state)
+    state = jax.device_put(state, state_sh)
+    batch_sh = parallel.batch_sharding(mesh, tcfg.batch_size)
+    local_batch = tcfg.batch_size // jax.process_count()
+
+    iterator = make_iterator(manifest, "train", seq, tcfg.batch_size, tcfg.seed,
+                             process_index=jax.process_index(), process_count=jax.process_count())
+    mngr = ckpt.manager(os.path.join(tcfg.run_dir, "checkpoints"), tcfg.keep, tcfg.keep_every)
+    step = 0
+    if mngr.all_steps():
+        step, state, meta = ckpt.restore_latest(mngr, ckpt.abstract_like(state))
+        iterator.set_state(meta["data_iter"])
+        log.info("resumed from %s at step %d", mngr.directory, step)
+        if is_main:
+            print(f"resumed from step {step}", flush=True)
+
+    step_fn = jax.jit(make_train_step(tcfg, tx, schedule), in_shardings=(state_sh, batch_sh),
+                      out_shardings=(state_sh, replicated), donate_argnums=0)
+    eval_sh = parallel.batch_sharding(mesh, tcfg.batch_size // tcfg.optim.accum_steps)
+    eval_fn = jax.jit(make_eval_step(tcfg), in_shardings=(param_sh, eval_sh), out_shardings=replicated)
+
+    def global_batch(b):
+        return {k: jax.make_array_from_process_local_data(batch_sh, np.asarray(v, np.int32)) for k, v in b.items()}
+
+    def meta_at(s):
+        return {"step": s, "config": tcfg.to_dict(), "data_iter": iterator.get_state(),
+                "tokenizer": manifest["tokenizer"], "manifest": {k: manifest[k] for k in ("vocab_size", "dtype")
+                                                                   if k in manifest}}
+
+    writer = MetricsWriter(tcfg.run_dir, enabled=is_main)
+    flops_tok = accounting.flops_per_token(cfg, seq, training=True)
+    peak = peak_flops()
+    n_chips = mesh.devices.size
+    tokens_per_step = tcfg.batch_size * seq
+    pending, last_good = [], step
+    stop = _StopFlag()
+    summary = {"start_step": step}
+    bar = None
+    if progress and is_main:
+        from tqdm import tqdm
+
+        bar = tqdm(total=tcfg.steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
+
+    def flush(t_now):
+        """Fetch pending per-step metrics, check them, write them."""
+        nonlocal pending
+        if not pending:
+            return None
+        fetched = jax.device_get([m for _, m, _ in pending])
+        rec = None
+        for (s, _, dt), m in zip(pending, fetched):
+            if not bool(m["finite"]) and tcfg.nan_policy == "stop":
+                raise NonFiniteLossError(
+                    f"non-finite loss at step {s} (loss={float(m['loss'])}, grad_norm={float(m['grad_norm'])}); "
+                    f"last good checkpoint: step {last_good} in {mngr.directory}")
+            tps = tokens_per_step / dt if dt > 0 else None
+            rec = {"step": s, "loss": float(m["loss"]), "lr": float(m["lr"]), "grad_norm": float(m["grad_norm"]),
+                   "step_time": dt, "tokens_per_s": tps,
+                   "mfu": (tps * flops_tok / (peak * n_chips)) if (peak and tps) else None}
+            if not bool(m["finite"]):
+                rec["skipped_update"] = True
+            writer.write(rec)
+        pending = []
+        if bar is not None and rec is not None:
+            bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tokens_per_s'] or 0:.0f}")
+        return rec
+
+    def save(s, force=False):
+        nonlocal last_good
+        flush(time.time())  # never save a non-finite state under nan_policy="stop"
+        ckpt.save(mngr, s, state, meta_at(s), force=force)
+        last_good = s
+
+    if step == 0:  # the baseline the final validation loss is compared with
+        rec = {"step": 0, **evaluate(eval_fn, state["params"], manifest, tcfg, eval_sh)}
+        writer.write(rec)
+        summary["initial_val_loss"] = rec["val_loss"]
+        if is_main:
+            print(f"step 0: val_loss {rec['val_loss']:.4f}", flush=True)
+    t_last = time.time()
+    try:
+        with stop.installed(), mesh_context(mesh):
+            while step < tcfg.steps:
+                if tcfg.profile_steps and step == tcfg.profile_steps[0] and is_main:
+                    jax.profiler.start_trace(os.path.join(tcfg.run_dir, "profile"))
+                batch = global_batch(next(iterator))
+                state, metrics = step_fn(state, batch)
+                step += 1
+                if stop_at_step is not None and step == stop_at_step:  # a real SIGTERM to ourselves
+                    signal.raise_signal(signal.SIGTERM) if stop.active else stop(signal.SIGTERM, None)
+                if tcfg.profile_steps and step == tcfg.profile_steps[1] and is_main:
+                    jax.block_until_ready(state)
+                    jax.profiler.stop_trace()
+                if step % tcfg.log_every == 0 or step == tcfg.steps or stop.signal is not None:
+                    jax.block_until_ready(metrics["loss"])
+                now = time.time()
+                pending.append((step, metrics, now - t_last))
+                t_last = now
+                if bar is not None:
+                    bar.update(1)
+                if step % tcfg.log_every == 0:
+                    flush(now)
+                if step % tcfg.eval_every == 0 and step < tcfg.steps:
+                    flush(now)
+                    rec = {"step": step, **evaluate(eval_fn, state["params"], manifest, tcfg, eval_sh)}
+                    writer.write(rec)
+                    if bar is not None:
+                        bar.write(f"step {step}: val_loss {rec['val_loss']:.4f}")
+                    t_last = time.time()
+                if step % tcfg.save_every == 0 and step < tcfg.steps:
+                    save(step)
+                if stop.signal is not None:
+                    save(step, force=True)
+                    break
+            flush(time.time())
+            if step >= tcfg.steps and step not in mngr.all_steps():
+                save(step, force=True)
+            mngr.wait_until_finished()
+    finally:  # an error must not lose a save that is still being written
+        mngr.wait_until_finished()
+    if bar is not None:
+        bar.close()
+    summary.update(step=step, interrupted=stop.signal is not None, checkpoint_dir=str(mngr.directory))
+    if stop.signal is None:
+        summary.update(evaluate(eval_fn, state["params"], manifest, tcfg, eval_sh))
+        writer.write({"step": step, "val_loss": summary["val_loss"], "val_ppl": summary["val_ppl"]})
+        if tcfg.sample_tokens and is_main:
+            ids = greedy_sample(model, state["params"], tokenizer.encode(tcfg.sample_prompt), tcfg.sample_tokens,
+                                cfg.max_seq_len)
+            summary["sample"] = tokenizer.decode(ids)
+    writer.close()
+    mngr.close()
+    summary["state"] = state
+    return summary
+
+
+@contextlib.contextmanager
+def mesh_context(mesh):
+    if hasattr(jax, "set_mesh"):
+        with jax.set_mesh(mesh):
+            yield
+    else:  # older jax
+        with mesh:
+            yield

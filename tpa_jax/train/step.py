@@ -1,0 +1,63 @@
+"""The jit-compiled train step (gradient accumulation inside) and the eval step."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from ..config import TrainConfig
+from ..model import Transformer, cross_entropy
+
+
+def make_train_step(tcfg: TrainConfig, tx: optax.GradientTransformation, schedule):
+    """state = {"step", "params", "opt_state"}; batch = {"inputs", "targets"} of [global_batch, T].
+
+    The batch is split into ``accum_steps`` micro-batches whose gradients are averaged inside one
+    ``lax.scan``, so k micro-steps of b equal one step of k*b.
+    """
+    model = Transformer(tcfg.model)
+    accum = tcfg.optim.accum_steps
+    skip_nonfinite = tcfg.nan_policy == "skip"
+
+    def loss_fn(params, inputs, targets):
+        return cross_entropy(model.apply({"params": params}, inputs), targets)
+
+    grad_fn = jax.value_and_grad(loss_fn)
+
+    def step(state, batch):
+        params = state["params"]
+        inputs, targets = batch["inputs"], batch["targets"]
+        if accum == 1:
+            loss, grads = grad_fn(params, inputs, targets)
+        else:
+            micro = jax.tree_util.tree_map(lambda x: x.reshape((accum, -1) + x.shape[1:]), (inputs, targets))
+
+            def body(carry, mb):
+                loss_sum, grad_sum = carry
+                l, g = grad_fn(params, *mb)
+                return (loss_sum + l, jax.tree_util.tree_map(jnp.add, grad_sum, g)), None
+
+            zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+            (loss, grads), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros), micro)
+            loss, grads = loss / accum, jax.tree_util.tree_map(lambda g: g / accum, grads)
+        grad_norm = optax.tree.norm(grads)
+        updates, opt_state = tx.update(grads, state["opt_state"], params)
+        new_params = optax.apply_updates(params, updates)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        if skip_nonfinite:
+            keep = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, old)
+            new_params, opt_state = keep(new_params, params), keep(opt_state, state["opt_state"])
+        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state["step"]), "finite": finite}
+        return {"step": state["step"] + 1, "params": new_params, "opt_state": opt_state}, metrics
+
+    return step
+
+
+def make_eval_step(tcfg: TrainConfig):
+    model = Transformer(tcfg.model)
+
+    def eval_step(params, batch):
+        logits = model.apply({"params": params}, batch["inputs"])
+        return cross_entropy(logits, batch["targets"])
+
+    return eval_step
