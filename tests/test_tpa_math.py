@@ -235,3 +235,21 @@ def test_official_factor_init_bounds():
     _, p2 = init_params(dataclasses.replace(cfg, factor_init="xavier"), randomize=False)
     bound = np.sqrt(6 / (m + 6 * h))  # App. G: U(+-sqrt(6/(n_in + n_out))) on W^a in R^{R h x d_model}
     assert bound * 0.9 < np.abs(p2["blocks"]["attn"]["w_aq"]).max() <= bound
+
+
+def test_attend_gqa_against_loops():
+    from tpa_jax.model.attention import attend
+
+    rng = np.random.default_rng(5)
+    b, t, s, h, kv, d, e = 2, 4, 6, 6, 2, 5, 3
+    q, k, v = rng.standard_normal((b, t, h, d)), rng.standard_normal((b, s, kv, d)), rng.standard_normal((b, s, kv, e))
+    mask = rng.random((b, t, s)) < 0.7
+    mask[..., 0] = True
+    got = np.asarray(attend(*(jnp.asarray(a, jnp.float32) for a in (q, k, v)), scale=0.3, mask_BTS=jnp.asarray(mask)))
+    for bi in range(b):
+        for ti in range(t):
+            for hi in range(h):
+                j = hi // (h // kv)  # consecutive blocks of query heads share a kv head
+                sc = np.where(mask[bi, ti], 0.3 * k[bi, :, j] @ q[bi, ti, hi], -np.inf)
+                w = np.exp(sc - sc.max())
+                np.testing.assert_allclose(got[bi, ti, hi], (w / w.sum()) @ v[bi, :, j], rtol=1e-5, atol=1e-5)

@@ -45,7 +45,7 @@ import shutil
 import sys
 import tempfile
 import time
-from typing import Any, Iterable, Iterator, Optional, Sequence, Union
+from typing import Iterable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 

@@ -15,6 +15,8 @@ def _maybe_init_distributed() -> None:
 
     env = os.environ
     if env.get("JAX_COORDINATOR_ADDRESS") or env.get("COORDINATOR_ADDRESS"):
+        # CPU processes need a collectives backend; it does not affect GPU / TPU devices
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(
             coordinator_address=env.get("JAX_COORDINATOR_ADDRESS") or env.get("COORDINATOR_ADDRESS"),
             num_processes=int(env["JAX_NUM_PROCESSES"]) if "JAX_NUM_PROCESSES" in env else None,
@@ -66,6 +68,10 @@ def main(argv=None) -> int:
         print(f"stopped at step {summary['step']}; checkpoint saved in {summary['checkpoint_dir']} "
               f"(run the same command to resume)")
         return 0
+    import jax
+
+    if jax.process_count() > 1:
+        print(f"process {jax.process_index()}/{jax.process_count()}: ", end="")
     print(f"done: step {summary['step']}  val_loss {summary['val_loss']:.4f}  val_ppl {summary['val_ppl']:.2f}")
     print(f"checkpoints: {summary['checkpoint_dir']}")
     if "sample" in summary:

@@ -248,7 +248,7 @@ def train(tcfg: TrainConfig, *, devices=None, progress: bool = True, stop_at_ste
     if stop.signal is None:
         summary.update(evaluate(eval_fn, state["params"], manifest, tcfg, eval_sh))
         writer.write({"step": step, "val_loss": summary["val_loss"], "val_ppl": summary["val_ppl"]})
-        if tcfg.sample_tokens and is_main:
+        if tcfg.sample_tokens:  # every process runs the (sharded) computation
             ids = greedy_sample(model, state["params"], tokenizer.encode(tcfg.sample_prompt), tcfg.sample_tokens,
                                 cfg.max_seq_len)
             summary["sample"] = tokenizer.decode(ids)
