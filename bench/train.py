@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import contextlib
 import importlib
 import json
 import os
@@ -109,33 +108,14 @@ def _jaxlib_version():
         return None
 
 
-@contextlib.contextmanager
-def mesh_context(mesh):
-    """The mesh as the ambient one while compiling and stepping (as loop.train does)."""
-    if hasattr(jax, "set_mesh"):
-        with jax.set_mesh(mesh):
-            yield
-    else:  # older jax
-        with mesh:
-            yield
-
-
 def build(tcfg: TrainConfig, mesh, tokens):
     """Sharded state, sharded batch and the compiled, state-donating train step, as loop.train builds
     them; also (init + lowering seconds, compile seconds)."""
     t0 = time.perf_counter()
-    cfg, seq = tcfg.model, tcfg.data.seq_len
-    model = tpa_jax.Transformer(cfg)
-    params = parallel.shard_params(model, cfg, mesh, jax.random.key(tcfg.seed), jnp.zeros((1, seq), jnp.int32))
     schedule = optimizer_mod.lr_schedule(tcfg.optim, tcfg.steps)
     tx = optimizer_mod.make_optimizer(tcfg.optim, tcfg.steps)
     replicated = NamedSharding(mesh, PartitionSpec())
-    opt_state = jax.jit(tx.init)(params)  # moments inherit the params' shardings; counters: replicate
-    state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": opt_state}
-    state_sh = jax.tree_util.tree_map(
-        lambda x: x.sharding if isinstance(x.sharding, NamedSharding) and x.sharding.mesh == mesh else replicated,
-        state)
-    state = jax.device_put(state, state_sh)
+    state, state_sh = train_step_mod.init_state(tcfg, mesh, tx)
     batch_sh = parallel.batch_sharding(mesh, tcfg.batch_size)
     batch = jax.device_put({"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}, batch_sh)
     step_fn = jax.jit(train_step_mod.make_train_step(tcfg, tx, schedule), in_shardings=(state_sh, batch_sh),
@@ -150,7 +130,7 @@ def build_all(tcfgs: dict, mesh, tokens, workers: int) -> dict:
     """build() for every mechanism, ``workers`` at a time in threads (XLA compiles outside the GIL,
     so set-up of a family takes about 1/workers as long; nothing is timed while this runs)."""
     def one(tcfg):
-        with mesh_context(mesh):  # jax's mesh context is per thread
+        with parallel.mesh_context(mesh):  # jax's mesh context is per thread
             return build(tcfg, mesh, tokens)
 
     if workers <= 1:
@@ -227,7 +207,7 @@ def main(argv=None) -> dict:
              for name, cfg in family.items()}
     built = build_all(tcfgs, mesh, tokens, args.jobs or min(len(tcfgs), os.cpu_count() or 1))
     phase["built"] = time.perf_counter()
-    with mesh_context(mesh):
+    with parallel.mesh_context(mesh):
         for name, cfg in family.items():
             st, batch, compiled, (init_s, compile_s) = built.pop(name)
             first_loss = None

@@ -19,6 +19,7 @@ constraints where sizes are known to divide.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import math
@@ -238,3 +239,14 @@ def tree_shardings(logical_axes_tree, abstract_tree, mesh: Mesh, rules=LOGICAL_A
 __all__ = ["MESH_AXES", "LOGICAL_AXIS_RULES", "make_mesh", "mesh_from_config", "logical_to_spec",
            "logical_to_sharding", "logical_axes_of", "unbox", "param_shardings", "shard_params",
            "batch_sharding", "tree_shardings"]
+
+
+@contextlib.contextmanager
+def mesh_context(mesh: Mesh):
+    """Make ``mesh`` the ambient mesh (``jax.set_mesh``; ``with mesh`` on older jax)."""
+    if hasattr(jax, "set_mesh"):
+        with jax.set_mesh(mesh):
+            yield
+    else:  # pragma: no cover - older jax
+        with mesh:
+            yield

@@ -23,7 +23,7 @@ from ..model import Transformer
 from . import checkpoint as ckpt
 from .metrics import MetricsWriter, peak_flops
 from .optimizer import lr_schedule, make_optimizer
-from .step import make_eval_step, make_train_step
+from .step import init_state, make_eval_step, make_train_step
 
 log = logging.getLogger("tpa_jax.train")
 
@@ -113,17 +113,11 @@ def train(tcfg: TrainConfig, *, devices=None, progress: bool = True, stop_at_ste
     mesh = parallel.mesh_from_config(tcfg.mesh, devices=devices)
     model = Transformer(cfg)
     seq = tcfg.data.seq_len
-    params = parallel.shard_params(model, cfg, mesh, jax.random.key(tcfg.seed), jnp.zeros((1, seq), jnp.int32))
     schedule = lr_schedule(tcfg.optim, tcfg.steps)
     tx = make_optimizer(tcfg.optim, tcfg.steps)
-    param_sh = jax.tree_util.tree_map(lambda x: x.sharding, params)
+    state, state_sh = init_state(tcfg, mesh, tx)
+    param_sh = state_sh["params"]
     replicated = NamedSharding(mesh, PartitionSpec())
-    opt_state = jax.jit(tx.init)(params)  # moments inherit the params' shardings; counters: replicate
-    state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": opt_state}
-    state_sh = jax.tree_util.tree_map(
-        lambda x: x.sharding if isinstance(x.sharding, NamedSharding) and x.sharding.mesh == mesh else replicated,
-        state)
-    state = jax.device_put(state, state_sh)
     batch_sh = parallel.batch_sharding(mesh, tcfg.batch_size)
     local_batch = tcfg.batch_size // jax.process_count()
 
@@ -203,7 +197,7 @@ def train(tcfg: TrainConfig, *, devices=None, progress: bool = True, stop_at_ste
             print(f"step 0: val_loss {rec['val_loss']:.4f}", flush=True)
     t_last = time.time()
     try:
-        with stop.installed(), mesh_context(mesh):
+        with stop.installed(), parallel.mesh_context(mesh):
             while step < tcfg.steps:
                 if tcfg.profile_steps and step == tcfg.profile_steps[0] and is_main:
                     jax.profiler.start_trace(os.path.join(tcfg.run_dir, "profile"))
@@ -256,13 +250,3 @@ def train(tcfg: TrainConfig, *, devices=None, progress: bool = True, stop_at_ste
     mngr.close()
     summary["state"] = state
     return summary
-
-
-@contextlib.contextmanager
-def mesh_context(mesh):
-    if hasattr(jax, "set_mesh"):
-        with jax.set_mesh(mesh):
-            yield
-    else:  # older jax
-        with mesh:
-            yield

@@ -61,3 +61,22 @@ def make_eval_step(tcfg: TrainConfig):
         return cross_entropy(logits, batch["targets"])
 
     return eval_step
+
+
+def init_state(tcfg: TrainConfig, mesh, tx: optax.GradientTransformation):
+    """(state, state shardings): params initialised sharded on ``mesh``; the optimizer moments
+    inherit the params' shardings, scalar counters are replicated."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from .. import parallel
+
+    cfg = tcfg.model
+    model = Transformer(cfg)
+    params = parallel.shard_params(model, cfg, mesh, jax.random.key(tcfg.seed),
+                                   jnp.zeros((1, tcfg.data.seq_len), jnp.int32))
+    replicated = NamedSharding(mesh, PartitionSpec())
+    state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": jax.jit(tx.init)(params)}
+    shardings = jax.tree_util.tree_map(
+        lambda x: x.sharding if isinstance(x.sharding, NamedSharding) and x.sharding.mesh == mesh else replicated,
+        state)
+    return jax.device_put(state, shardings), shardings
