@@ -24,6 +24,7 @@ VARIANTS = {
     "tpa_nonctx_a": dict(contextual_a=False),
     "tpa_nonctx_b": dict(contextual_b=False),
     "tpa_shared_b": dict(shared_kv_b=True),
+    "tpa_shared_b_nonctx_b": dict(shared_kv_b=True, contextual_b=False),
     "tpa_order3": dict(tpa_order=3, tpa_c_dim=2),
     "tpa_sigmoid": dict(head_factor_activation="sigmoid"),
     "tpa_softmax": dict(head_factor_activation="softmax"),

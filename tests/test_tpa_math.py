@@ -80,7 +80,7 @@ def run_layer(cfg, p, x_TM, positions=None):
     mod = TPAttention(cfg)
     p32 = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float32), p)
     return mod, p32, rope, mod.apply({"params": p32}, jnp.asarray(x_TM, jnp.float32)[None], rope,
-                                     causal_mask(positions, positions))[0]
+                                     causal_mask(positions, positions))[0][0]
 
 
 @pytest.mark.parametrize("name", TPA_VARIANTS)

@@ -26,13 +26,14 @@ class Block(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x, rope, mask):
+    def __call__(self, x, rope, key_rope, mask, start, cache):
         cfg = self.cfg
         h = RMSNorm(cfg, cfg.d_model, cfg.norm_eps, cfg.norm_weight, name="attn_norm")(x)
-        x = x + attention_class(cfg)(cfg, name="attn")(h, rope, mask).astype(x.dtype)
+        a, cache = attention_class(cfg)(cfg, name="attn")(h, rope, mask, cache=cache, key_rope=key_rope, start=start)
+        x = x + a.astype(x.dtype)
         h = RMSNorm(cfg, cfg.d_model, cfg.norm_eps, cfg.norm_weight, name="mlp_norm")(x)
         x = x + SwiGLU(cfg, name="mlp")(h).astype(x.dtype)
-        return x, None
+        return x, cache
 
 
 class Transformer(nn.Module):
@@ -50,26 +51,40 @@ class Transformer(nn.Module):
             block,
             variable_axes={"params": 0},
             split_rngs={"params": True},
-            in_axes=(nn.broadcast, nn.broadcast),
+            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0),
             length=cfg.n_layer,
             unroll=1 if cfg.scan_layers else cfg.n_layer,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )(cfg, name="blocks")
         self.final_norm = RMSNorm(self.cfg, cfg.d_model, cfg.norm_eps, cfg.norm_weight)
 
-    def __call__(self, tokens, positions=None):
+    def __call__(self, tokens, positions=None, cache=None, valid_lengths=None):
+        """Full causal forward, or with ``cache`` (see ``tpa_jax.inference.init_cache``) a prefill
+        (T tokens) or decode (1 token) step returning ``(logits, cache)``; positions come from
+        the cache.  ``valid_lengths`` [B] marks right-padded prompts of different lengths."""
         cfg = self.cfg
         tokens = jnp.asarray(tokens)
         if tokens.ndim != 2:
             raise ValueError(f"tokens: expected int array [batch, seq], got shape {tokens.shape}")
         t = tokens.shape[1]
-        if positions is None:
-            positions = jnp.arange(t, dtype=jnp.int32)[None, :]
-        rope = rope_tables(positions, cfg.rope_dim, cfg.rope_theta, cfg.rope_bf16_tables)
-        mask = causal_mask(positions, positions)
         x = self.embed(tokens)
-        x, _ = self.blocks(x, rope, mask)
-        return self.embed.attend(self.final_norm(x))
+        if cache is None:
+            if positions is None:
+                positions = jnp.arange(t, dtype=jnp.int32)[None, :]
+            rope = rope_tables(positions, cfg.rope_dim, cfg.rope_theta, cfg.rope_bf16_tables)
+            x, _ = self.blocks(x, rope, None, causal_mask(positions, positions), None, None)
+            return self.embed.attend(self.final_norm(x))
+        lengths = cache["lengths"]
+        max_len = jax.tree_util.tree_leaves(cache["layers"])[0].shape[2]
+        if t > max_len:
+            raise ValueError(f"tokens: {t} new tokens exceed the cache capacity max_len={max_len}")
+        positions = lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+        key_positions = jnp.arange(max_len, dtype=jnp.int32)[None, :]
+        rope = rope_tables(positions, cfg.rope_dim, cfg.rope_theta, cfg.rope_bf16_tables)
+        key_rope = rope_tables(key_positions, cfg.rope_dim, cfg.rope_theta, cfg.rope_bf16_tables)
+        x, layers = self.blocks(x, rope, key_rope, causal_mask(positions, key_positions), lengths, cache["layers"])
+        new_len = lengths + (t if valid_lengths is None else jnp.asarray(valid_lengths, jnp.int32))
+        return self.embed.attend(self.final_norm(x)), {"lengths": new_len, "layers": layers}
 
 
 def cross_entropy(logits, targets, ignore_index: int = -1):

@@ -61,3 +61,13 @@ def output_projection(module, o_BTHE):
     """``project_out`` for compact modules."""
     w_o, norm = output_params(module)
     return project_out(module.cfg, o_BTHE, w_o, norm)
+
+
+def write_cache(cache: dict, items: dict, start_B):
+    """Write each new [B, T, ...] item into its [B, S, ...] cache leaf at row offsets ``start_B``."""
+
+    def put(buf, new):
+        return jax.vmap(lambda bb, nn_, st: jax.lax.dynamic_update_slice_in_dim(bb, nn_.astype(bb.dtype), st, 0))(
+            buf, new, start_B)
+
+    return {k: put(cache[k], items[k]) for k in cache}

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from ...config import ModelConfig
 from ..layers import RMSNorm, cast, fan_in_init, param
 from ..rope import apply_rope
-from .core import attend, output_projection
+from .core import attend, output_projection, write_cache
 
 
 class MLAttention(nn.Module):
@@ -49,16 +49,21 @@ class MLAttention(nn.Module):
         return {k: cast(w, cfg) for k, w in ws.items()}
 
     @nn.compact
-    def __call__(self, x_BTM, rope, mask_BTS):
+    def __call__(self, x_BTM, rope, mask_BTS, cache=None, key_rope=None, start=None):
+        """Full attention, or cached: the cache holds only c_KV and the shared RoPE key k_R."""
         cfg = self.cfg
         x = cast(x_BTM, cfg)
         c_q, c_kv, k_r = self.latents(x, rope)
+        items = {"c_kv": c_kv, "k_r": k_r[:, :, 0, :]}
+        if cache is not None:
+            items = cache = write_cache(cache, items, start)
         w = self.up()
         q_c = jnp.einsum("btc,chd->bthd", c_q, w["w_uq"])
         q_r = apply_rope(jnp.einsum("btc,chd->bthd", c_q, w["w_qr"]), *rope)
-        k_c = jnp.einsum("bsc,chd->bshd", c_kv, w["w_uk"])
-        v = jnp.einsum("bsc,che->bshe", c_kv, w["w_uv"])
+        k_c = jnp.einsum("bsc,chd->bshd", items["c_kv"], w["w_uk"])
+        v = jnp.einsum("bsc,che->bshe", items["c_kv"], w["w_uv"])
         q = jnp.concatenate([q_c, q_r], axis=-1)
+        k_r = items["k_r"][:, :, None, :]
         k = jnp.concatenate([k_c, jnp.broadcast_to(k_r, k_c.shape[:3] + k_r.shape[-1:])], axis=-1)
         o = attend(q, k, v, scale=cfg.attn_scale, mask_BTS=mask_BTS)
-        return output_projection(self, o)
+        return output_projection(self, o), cache

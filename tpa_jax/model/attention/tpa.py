@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from ...config import ModelConfig
 from ..layers import cast, param, uniform_init
 from ..rope import apply_rope
-from .core import attend, output_params, project_out
+from .core import attend, output_params, project_out, write_cache
 
 
 def _xavier_bound(fan_in: int, fan_out: int) -> float:
@@ -68,67 +68,119 @@ class TPAttention(nn.Module):
         self.w_o, self.out_norm = output_params(self)
 
     # ---------------------------------------------------------------- factors
+    def _act(self, a):
+        cfg = self.cfg
+        if cfg.head_factor_activation == "sigmoid":
+            return jax.nn.sigmoid(a)
+        if cfg.head_factor_activation == "softmax":
+            return jax.nn.softmax(a.astype(jnp.float32), axis=-1).astype(a.dtype)
+        return a
+
     def _a(self, x, n: str):
         """Head-dimension factor A, [B, T, R, H] (or [1, 1, R, H] when non-contextual)."""
         cfg = self.cfg
         w = cast(self.a_w[n], cfg)
-        a = jnp.einsum("btm,mrh->btrh", x, w) if cfg.contextual_a else w[None, None]
-        if cfg.head_factor_activation == "sigmoid":
-            a = jax.nn.sigmoid(a)
-        elif cfg.head_factor_activation == "softmax":
-            a = jax.nn.softmax(a.astype(jnp.float32), axis=-1).astype(a.dtype)
-        return a
+        return self._act(jnp.einsum("btm,mrh->btrh", x, w) if cfg.contextual_a else w[None, None])
 
-    def _b(self, x, n: str, rope):
-        """Token-dimension factor B, [B, T, R, d_h], RoPE'd when ``rope`` is given.
-
-        Third order: B = vec(b (x) c) with RoPE on b (Theorem C.1); vec stacks columns, so the
-        d_h index is j * d_b + i for c index j and b index i.
-        """
+    def _b_raw(self, x, n: str):
+        """B before RoPE, [B, T, R, d_b] (broadcast constant when non-contextual)."""
         cfg = self.cfg
         w = cast(self.b_w[n], cfg)
         if cfg.contextual_b:
-            b = jnp.einsum("btm,mrd->btrd", x, w)
-        else:
-            b = jnp.broadcast_to(w[None, None], (x.shape[0], x.shape[1]) + w.shape)
+            return jnp.einsum("btm,mrd->btrd", x, w)
+        return jnp.broadcast_to(w[None, None], (x.shape[0], x.shape[1]) + w.shape)
+
+    def _c(self, x, n: str):
+        return jnp.einsum("btm,mrc->btrc", x, cast(self.c_w[n], self.cfg))
+
+    @staticmethod
+    def vec_bc(b_BTRD, c_BTRC):
+        """Third order: vec(b (x) c) stacks the columns of b c^T, so index j * d_b + i (Thm C.1)."""
+        return jnp.einsum("btrc,btrd->btrcd", c_BTRC, b_BTRD).reshape(*b_BTRD.shape[:3], -1)
+
+    def _b(self, x, n: str, rope):
+        """Token-dimension factor B, [B, T, R, d_h], RoPE'd when ``rope`` is given (RoPE on b, then vec)."""
+        b = self._b_raw(x, n)
         if rope is not None:
             b = apply_rope(b, *rope)
-        if cfg.tpa_order == 3:
-            c = jnp.einsum("btm,mrc->btrc", x, cast(self.c_w[n], cfg))
-            b = jnp.einsum("btrc,btrd->btrcd", c, b).reshape(*b.shape[:3], c.shape[-1] * b.shape[-1])
-        return b
+        return self.vec_bc(b, self._c(x, n)) if self.cfg.tpa_order == 3 else b
 
     @staticmethod
     def contract(a_BTRH, b_BTRD, rank: int):
         """(1/R) A^T B per token: [B, T, H, D]  (eq. 3.1)."""
         return jnp.einsum("btrh,btrd->bthd", a_BTRH, b_BTRD) / rank
 
-    def factors(self, x, rope):
-        """All factors of one layer: a_q/b_q (TPA only), a_k, b_k (pre-rotated, eq. 3.5), a_v, b_v."""
+    # ---------------------------------------------------------------- what a decode cache holds
+    def kv_items(self, x, rope):
+        """The per-token K/V factors a decode cache stores (never K or V themselves):
+        a_k, a_v (contextual A), b_k pre-rotated (eq. 3.5) and b_v, or one unrotated b_kv when
+        shared; third order keeps b and c apart ((R_K + R_V)(h + d_b + d_c) numbers)."""
         cfg = self.cfg
         x = cast(x, cfg)
+        items = {}
+        if cfg.contextual_a:
+            items["a_k"], items["a_v"] = self._a(x, "k"), self._a(x, "v")
+        if cfg.contextual_b:
+            if cfg.shared_kv_b:
+                items["b_kv"] = self._b_raw(x, "k")
+            else:
+                items["b_k"] = apply_rope(self._b_raw(x, "k"), *rope)
+                items["b_v"] = self._b_raw(x, "v")
+        if cfg.tpa_order == 3:
+            items["c_k"], items["c_v"] = self._c(x, "k"), self._c(x, "v")
+        return items
+
+    def kv_factors(self, items, key_rope, batch: int, length: int):
+        """Full K/V factors [B, S, R, .] over ``length`` key positions from cached items."""
+        cfg = self.cfg
         f = {}
-        if cfg.attention == "tpa":
-            f["a_q"], f["b_q"] = self._a(x, "q"), self._b(x, "q", rope)
-        f["a_k"], f["a_v"] = self._a(x, "k"), self._a(x, "v")
-        if cfg.shared_kv_b:  # one factor; K sees it rotated, V as is
-            f["b_v"] = self._b(x, "k", None)
-            f["b_k"] = apply_rope(f["b_v"], *rope)
-        else:
-            f["b_k"], f["b_v"] = self._b(x, "k", rope), self._b(x, "v", None)
+        for n in ("k", "v"):
+            if cfg.contextual_a:
+                f[f"a_{n}"] = items[f"a_{n}"]
+            else:
+                w = self._act(cast(self.a_w[n], cfg))
+                f[f"a_{n}"] = jnp.broadcast_to(w[None, None], (batch, length) + w.shape)
+            if not cfg.contextual_b:  # learned constant (one shared by K and V with shared_kv_b)
+                w = cast(self.b_w["k" if cfg.shared_kv_b else n], cfg)
+                b = jnp.broadcast_to(w[None, None], (batch, length) + w.shape)
+            else:
+                b = items["b_kv"] if cfg.shared_kv_b else items[f"b_{n}"]
+            if n == "k" and (cfg.shared_kv_b or not cfg.contextual_b):
+                b = apply_rope(b, *key_rope)  # these are not stored pre-rotated
+            if cfg.tpa_order == 3:
+                b = self.vec_bc(b, items[f"c_{n}"])
+            f[f"b_{n}"] = b
         return f
 
-    def query(self, x, f, rope):
+    def factors(self, x, rope):
+        """All factors of one layer: a_q/b_q (TPA only), a_k, b_k (pre-rotated), a_v, b_v."""
         cfg = self.cfg
+        x = cast(x, cfg)
+        f = self.kv_factors(self.kv_items(x, rope), rope, x.shape[0], x.shape[1])
         if cfg.attention == "tpa":
-            return self.contract(f["a_q"], f["b_q"], cfg.q_rank)
-        return apply_rope(jnp.einsum("btm,mhd->bthd", cast(x, cfg), cast(self.w_q, cfg)), *rope)
+            f["a_q"], f["b_q"] = self._a(x, "q"), self._b(x, "q", rope)
+        return f
 
-    def __call__(self, x_BTM, rope, mask_BTS):
+    def query(self, x, rope):
         cfg = self.cfg
-        f = self.factors(x_BTM, rope)
-        q = self.query(x_BTM, f, rope)
+        x = cast(x, cfg)
+        if cfg.attention == "tpa":
+            return self.contract(self._a(x, "q"), self._b(x, "q", rope), cfg.q_rank)
+        return apply_rope(jnp.einsum("btm,mhd->bthd", x, cast(self.w_q, cfg)), *rope)
+
+    def __call__(self, x_BTM, rope, mask_BTS, cache=None, key_rope=None, start=None):
+        """Full attention (cache None) or cached prefill/decode: the new tokens' items are written
+        into ``cache`` at ``start`` and attention reads the whole cache.  Returns (out, cache)."""
+        cfg = self.cfg
+        items = self.kv_items(x_BTM, rope)
+        if cache is not None:
+            cache = write_cache(cache, items, start)
+            items = cache
+        else:
+            key_rope = rope
+        s = mask_BTS.shape[-1]
+        f = self.kv_factors(items, key_rope, x_BTM.shape[0], s)
         k = self.contract(f["a_k"], f["b_k"], cfg.k_rank)
         v = self.contract(f["a_v"], f["b_v"], cfg.v_rank)
-        o = attend(q, k, v, scale=cfg.attn_scale, mask_BTS=mask_BTS)
-        return project_out(cfg, o, self.w_o, self.out_norm)
+        o = attend(self.query(x_BTM, rope), k, v, scale=cfg.attn_scale, mask_BTS=mask_BTS)
+        return project_out(cfg, o, self.w_o, self.out_norm), cache
