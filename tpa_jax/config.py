@@ -23,6 +23,15 @@ def _err(field: str, expected: str, got: Any) -> ValueError:
     return ValueError(f"ModelConfig.{field}: expected {expected}, got {got!r}")
 
 
+def _from_dict(cls, d: Mapping[str, Any]):
+    """Build a config dataclass from a dict, naming any unknown field in a one-line error."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown field(s) {unknown}; known fields are {sorted(known)}")
+    return cls(**dict(d))
+
+
 def _positive_int(name: str, value: Any, minimum: int = 1) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise _err(name, f"an integer >= {minimum}", value)
@@ -201,11 +210,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"ModelConfig: unknown field(s) {unknown}; known fields are {sorted(known)}")
-        return cls(**dict(d))
+        return _from_dict(cls, d)
 
     @classmethod
     def from_json(cls, text: str) -> "ModelConfig":
@@ -331,11 +336,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "TrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"TrainConfig: unknown field(s) {unknown}; known fields are {sorted(known)}")
-        return cls(**dict(d))
+        return _from_dict(cls, d)
 
 
 def _parse_value(text: str) -> Any:
