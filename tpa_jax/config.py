@@ -16,6 +16,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 HEAD_FACTOR_ACTIVATIONS = ("none", "sigmoid", "softmax")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 FACTOR_INITS = ("official", "xavier")
+DECODE_IMPLS = ("flash", "pallas", "materialize")
 FLOAT32_EPS = 1.1920928955078125e-07  # torch.finfo(torch.float32).eps, the official norm epsilon
 
 
@@ -83,6 +84,12 @@ class ModelConfig:
     mla_norm_eps: float = 1e-6  # MLA's two inner (weighted) norms
     scan_layers: bool = True  # False: the same layer stack, fully unrolled
     remat_policy: str = "none"  # "none" | "full" | "dots" | "dots_no_batch"
+    # --- cached decoding ---
+    # How one-token decode steps read the cache: "flash" (FlashTPA, Alg. 2, in jnp; MLA scores in
+    # the latent space), "pallas" (the Pallas FlashTPA kernel for TPA on GPU/TPU; jnp elsewhere),
+    # "materialize" (rebuild K and V from the cache: the slow reference).
+    decode_impl: str = "flash"
+    decode_block_size: int = 512  # cache rows per online-softmax block
 
     def __post_init__(self) -> None:
         self.validate()
@@ -105,6 +112,9 @@ class ModelConfig:
             raise _err("remat_policy", f"one of {REMAT_POLICIES}", self.remat_policy)
         if self.mlp_hidden is not None:
             _positive_int("mlp_hidden", self.mlp_hidden)
+        if self.decode_impl not in DECODE_IMPLS:
+            raise _err("decode_impl", f"one of {DECODE_IMPLS}", self.decode_impl)
+        _positive_int("decode_block_size", self.decode_block_size)
         if self.attention != "mla" and self.head_dim % 2:
             raise _err("head_dim", "an even number (RoPE rotates pairs)", self.head_dim)
 
