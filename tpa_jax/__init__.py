@@ -1,7 +1,9 @@
 """tpa-jax: Tensor Product Attention (TPA) and the T6 model in JAX/Flax."""
-from . import accounting, configs, interop, parallel
+from . import accounting, configs, inference, interop, parallel
 from .config import DataConfig, MeshConfig, ModelConfig, OptimConfig, TrainConfig
+from .inference import generate
 from .model import Transformer, cross_entropy
+from .run import Run, load
 
 __all__ = ["ModelConfig", "TrainConfig", "DataConfig", "OptimConfig", "MeshConfig", "Transformer", "configs",
-           "accounting", "interop", "parallel", "cross_entropy"]
+           "accounting", "interop", "parallel", "inference", "cross_entropy", "generate", "load", "Run"]

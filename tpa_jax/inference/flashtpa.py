@@ -53,7 +53,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-__all__ = ["materialized_attention", "flashtpa_decode", "flashtpa_prefill"]
+__all__ = ["materialized_attention", "flashtpa_decode", "flashtpa_decode_plain_q", "flashtpa_prefill"]
 
 _F32 = jnp.float32
 _STATIC = ("q_rank", "k_rank", "v_rank", "scale")
@@ -112,10 +112,15 @@ def _blocked_attention(a_q, b_q, a_k, b_k, a_v, b_v, q_pos, kv_len, *, coef, v_r
 
     ``coef`` = scale / (Rq Rk).  Returns o [B, N, H, E] float32.
     """
-    batch, n, _, h = a_q.shape
+    plain_q = a_q is None  # TPA-KVonly: b_q is the plain query [B, N, H, D], coef = scale / Rk
+    batch, n = b_q.shape[:2]
+    h = a_k.shape[-1]
     s_len = a_k.shape[1]
     e = b_v.shape[-1]
-    aq = a_q.astype(_F32) * coef  # rank and softmax scales absorbed into A_Q (App. A.3)
+    if plain_q:
+        qs = b_q.astype(_F32) * coef
+    else:
+        aq = a_q.astype(_F32) * coef  # rank and softmax scales absorbed into A_Q (App. A.3)
 
     # keys any query of this tile may see: s <= max position and s < max length
     visible = jnp.minimum(jnp.max(q_pos) + 1, jnp.max(kv_len))
@@ -136,8 +141,11 @@ def _blocked_attention(a_q, b_q, a_k, b_k, a_v, b_v, q_pos, kv_len, *, coef, v_r
 
         # (1) head-shared feature dots, (2) per-head rank mixing (Alg. 2 steps 5-7; the
         # contraction order is Alg. 3's S1 = b_K B_Q, S2 = S1 A_Q, S3 = S2 (.) a_K)
-        p_feat = jnp.einsum("bnrd,bskd->bnsrk", b_q, bk, preferred_element_type=_F32)
-        mixed = jnp.einsum("bnsrk,bnrh->bnskh", p_feat, aq)
+        if plain_q:  # per-head query against the key factors: q_h . b_k[s, k], mixed by a_k[s, k, h]
+            mixed = jnp.einsum("bnhd,bskd->bnskh", qs, bk.astype(_F32))
+        else:
+            p_feat = jnp.einsum("bnrd,bskd->bnsrk", b_q, bk, preferred_element_type=_F32)
+            mixed = jnp.einsum("bnsrk,bnrh->bnskh", p_feat, aq)
         logits = jnp.einsum("bnskh,bskh->bhns", mixed, ak.astype(_F32))
         logits = jnp.where(valid[:, None], logits, -jnp.inf)
 
@@ -179,6 +187,22 @@ def flashtpa_decode(a_q, b_q, a_k, b_k, a_v, b_v, lengths, *, q_rank: int, k_ran
     q_pos = (lengths - 1)[:, None]  # the query is the newest token: causal == padding mask here
     o = _blocked_attention(a_q[:, None], b_q[:, None], a_k, b_k, a_v, b_v, q_pos, lengths,
                            coef=scale / (q_rank * k_rank), v_rank=v_rank, block=block)
+    return o[:, 0].astype(_out_dtype(a_v, b_v))
+
+
+@functools.partial(jax.jit, static_argnames=("k_rank", "v_rank", "scale", "block_size"))
+def flashtpa_decode_plain_q(q, a_k, b_k, a_v, b_v, lengths, *, k_rank: int, v_rank: int, scale: float,
+                            block_size: int = 256):
+    """Algorithm 2 for TPA-KVonly: a plain (RoPE'd) query q [B, H, D] against factorised K/V.
+
+    Logits are ``sum_k a_k[s, k, h] <q_h, b_k[s, k]> / Rk``: K is never formed.  Same cache layout,
+    masking and online softmax as :func:`flashtpa_decode`; returns o [B, H, E].
+    """
+    s_len = a_k.shape[1]
+    block = max(1, min(block_size, s_len))
+    lengths = jnp.asarray(lengths, jnp.int32).reshape(-1)
+    o = _blocked_attention(None, q[:, None], a_k, b_k, a_v, b_v, (lengths - 1)[:, None], lengths,
+                           coef=scale / k_rank, v_rank=v_rank, block=block)
     return o[:, 0].astype(_out_dtype(a_v, b_v))
 
 

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from ...config import ModelConfig
@@ -48,6 +49,23 @@ class MLAttention(nn.Module):
         }
         return {k: cast(w, cfg) for k, w in ws.items()}
 
+    def absorbed_attention(self, q_c, q_r, items, w, mask_BTS):
+        """Decode with weight absorption (DeepSeek-V2): score and aggregate in the latent space.
+
+        q_C . k_C = (q_C W^UK^T) . c_KV, and sum_s p_s v_s = (sum_s p_s c_KV,s) W^UV, so the cached
+        c_KV [S, d_c] is read as is and no per-head K or V is built: per cached token the cost is
+        h (2 d_c + d^R_h) instead of h d_c (d_h + d_v) for the up-projections alone.
+        """
+        cfg = self.cfg
+        q_lat = jnp.einsum("bthd,chd->bthc", q_c, w["w_uk"])
+        c_kv, k_r = items["c_kv"].astype(q_lat.dtype), items["k_r"].astype(q_r.dtype)
+        logits = (jnp.einsum("bthc,bsc->bhts", q_lat, c_kv, preferred_element_type=jnp.float32)
+                  + jnp.einsum("bthr,bsr->bhts", q_r, k_r, preferred_element_type=jnp.float32)) * cfg.attn_scale
+        logits = jnp.where(mask_BTS[:, None], logits, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(logits, axis=-1)
+        o_lat = jnp.einsum("bhts,bsc->bthc", probs.astype(c_kv.dtype), c_kv)
+        return jnp.einsum("bthc,che->bthe", o_lat, w["w_uv"])
+
     @nn.compact
     def __call__(self, x_BTM, rope, mask_BTS, cache=None, key_rope=None, start=None):
         """Full attention, or cached: the cache holds only c_KV and the shared RoPE key k_R."""
@@ -60,6 +78,9 @@ class MLAttention(nn.Module):
         w = self.up()
         q_c = jnp.einsum("btc,chd->bthd", c_q, w["w_uq"])
         q_r = apply_rope(jnp.einsum("btc,chd->bthd", c_q, w["w_qr"]), *rope)
+        if cache is not None and x.shape[1] == 1 and cfg.decode_impl != "materialize":
+            o = self.absorbed_attention(q_c, q_r, cache, w, mask_BTS)
+            return output_projection(self, o), cache
         k_c = jnp.einsum("bsc,chd->bshd", items["c_kv"], w["w_uk"])
         v = jnp.einsum("bsc,che->bshe", items["c_kv"], w["w_uv"])
         q = jnp.concatenate([q_c, q_r], axis=-1)

@@ -168,6 +168,30 @@ class TPAttention(nn.Module):
             return self.contract(self._a(x, "q"), self._b(x, "q", rope), cfg.q_rank)
         return apply_rope(jnp.einsum("btm,mhd->bthd", x, cast(self.w_q, cfg)), *rope)
 
+    def flash_decode(self, x_B1M, rope, key_rope, cache, lengths_B):
+        """One-token decode straight from the factor cache (FlashTPA, paper Alg. 2): K and V are
+        never formed.  ``lengths_B`` counts the valid cache rows, the new token's included."""
+        from ...inference import flashtpa  # the inference package imports the model
+
+        cfg = self.cfg
+        x = cast(x_B1M, cfg)
+        s = jax.tree_util.tree_leaves(cache)[0].shape[1]
+        f = self.kv_factors(cache, key_rope, x.shape[0], s)
+        kv = (f["a_k"], f["b_k"], f["a_v"], f["b_v"], lengths_B)
+        kw = dict(k_rank=cfg.k_rank, v_rank=cfg.v_rank, scale=cfg.attn_scale, block_size=cfg.decode_block_size)
+        if cfg.attention == "tpa_kvonly":
+            o = flashtpa.flashtpa_decode_plain_q(self.query(x, rope)[:, 0], *kv, **kw)
+        else:
+            a_q, b_q = self._a(x, "q")[:, 0], self._b(x, "q", rope)[:, 0]
+            if cfg.decode_impl == "pallas":
+                from ...inference.kernels import flashtpa_decode_pallas
+
+                o = flashtpa_decode_pallas(a_q, b_q, *kv, q_rank=cfg.q_rank, **kw,
+                                           interpret=jax.default_backend() == "cpu")
+            else:
+                o = flashtpa.flashtpa_decode(a_q, b_q, *kv, q_rank=cfg.q_rank, **kw)
+        return project_out(cfg, o[:, None].astype(x.dtype), self.w_o, self.out_norm)
+
     def __call__(self, x_BTM, rope, mask_BTS, cache=None, key_rope=None, start=None):
         """Full attention (cache None) or cached prefill/decode: the new tokens' items are written
         into ``cache`` at ``start`` and attention reads the whole cache.  Returns (out, cache)."""
@@ -175,6 +199,8 @@ class TPAttention(nn.Module):
         items = self.kv_items(x_BTM, rope)
         if cache is not None:
             cache = write_cache(cache, items, start)
+            if x_BTM.shape[1] == 1 and cfg.decode_impl != "materialize":
+                return self.flash_decode(x_BTM, rope, key_rope, cache, start + 1), cache
             items = cache
         else:
             key_rope = rope

@@ -1,0 +1,63 @@
+"""Validation loss and perplexity of a restored run on held-out token shards.
+
+    run = tpa_jax.load("runs/t6-tiny")
+    perplexity(run)                                   # the run's own validation split
+    perplexity(run, manifest="data/fineweb/manifest.json", seq_len=1024, max_batches=50)
+
+The split is read in order (``tpa_jax.data.pipeline.eval_batches``): windows of ``seq_len + 1``
+tokens, the loss averaged over every predicted token of every full batch.
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import Optional, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ..data.pipeline import eval_batches
+from ..data.shards import check_compatible, load_manifest
+from ..model import Transformer, cross_entropy
+
+__all__ = ["perplexity"]
+
+
+def _loss_fn(cfg):
+    model = Transformer(cfg)
+
+    @jax.jit
+    def loss(params, inputs, targets):
+        logits = model.apply({"params": params}, inputs)
+        valid = targets != -1
+        return cross_entropy(logits, targets) * valid.sum(), valid.sum()
+
+    return loss
+
+
+def perplexity(run, manifest: Union[str, dict, None] = None, *, split: str = "val", seq_len: Optional[int] = None,
+               batch_size: int = 8, max_batches: Optional[int] = None) -> dict:
+    """{"loss", "ppl", "tokens", "batches", ...} of ``run`` on ``split`` of ``manifest`` (default: the
+    data the run was trained on).  The token-weighted mean loss is float64-accumulated."""
+    from ..train.loop import resolve_manifest
+
+    tcfg = run.train_config
+    seq_len = int(seq_len or tcfg.data.seq_len)
+    man = resolve_manifest(tcfg) if manifest is None else load_manifest(manifest)
+    if man.get("tokenizer", {}).get("vocab_size", run.config.vocab_size) > run.config.vocab_size:
+        raise ValueError(f"data tokenizer {man['tokenizer'].get('name')!r} has a vocabulary larger than the model's "
+                         f"vocab_size={run.config.vocab_size}")
+    check_compatible(man, run.config.vocab_size, seq_len, run.config.max_seq_len)
+    loss_fn = _loss_fn(run.config)
+    total, count, batches = 0.0, 0, 0
+    t0 = time.time()
+    for batch in eval_batches(man, seq_len, batch_size, max_batches, split=split):
+        s, n = loss_fn(run.params, jnp.asarray(batch["inputs"]), jnp.asarray(batch["targets"]))
+        total += float(s)
+        count += int(n)
+        batches += 1
+    loss = total / max(count, 1)
+    return {"loss": loss, "ppl": float(math.exp(min(loss, 50.0))), "tokens": count, "batches": batches,
+            "seq_len": seq_len, "batch_size": batch_size, "split": split, "step": run.step,
+            "seconds": time.time() - t0}

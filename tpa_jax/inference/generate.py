@@ -1,0 +1,174 @@
+"""Batched generation: one cached prefill, then a jit-compiled ``lax.while_loop`` of one-token
+decode steps that stops when every sequence has hit a stop token or ``max_new_tokens``.
+
+    out = tpa_jax.generate(params, cfg, [[1, 2, 3], [4, 5]], 32, temperature=0.8, top_p=0.95, seed=0)
+    out.tokens   # int32 [B, 32]: generated ids, ``pad_id`` after a row's end
+    out.lengths  # int32 [B]: tokens generated per row (a stop token that ended it included)
+
+Prompts may have different lengths: they are right-padded, prefilled in one call with
+``valid_lengths``, and every row then decodes at its own position.  Sampling is greedy at
+``temperature == 0``; otherwise softmax(logits / temperature) restricted to the ``top_k`` most
+likely tokens and to the smallest set whose probability reaches ``top_p``.  For a given seed the
+result is deterministic.  The decode cache is pre-allocated to ``max_len`` (default: the longest
+prompt plus ``max_new_tokens``, rounded up to a multiple of 64 and capped at the model's
+``max_seq_len``) and, given a ``mesh``, sharded by its logical axes.
+"""
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple, Optional, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from ..config import ModelConfig
+from .cache import init_cache
+
+__all__ = ["Generation", "generate", "sample_logits", "prepare_prompts"]
+
+_BUCKET = 64  # prompt and cache lengths are rounded up to multiples of this (fewer recompiles)
+
+
+class Generation(NamedTuple):
+    tokens: np.ndarray  # int32 [B, max_new_tokens]
+    lengths: np.ndarray  # int32 [B]
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def prepare_prompts(prompt_tokens, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Ragged prompts (sequences of ids, or an int array [B, T]) -> right-padded [B, T] and lengths."""
+    if isinstance(prompt_tokens, (np.ndarray, jax.Array)):
+        arr = np.asarray(prompt_tokens)
+        if arr.ndim == 1:
+            arr = arr[None]
+        if arr.ndim != 2:
+            raise ValueError(f"prompt_tokens: expected [batch, length] ids, got shape {arr.shape}")
+        rows = list(arr)
+    else:
+        rows = [np.asarray(list(r) if not isinstance(r, np.ndarray) else r) for r in prompt_tokens]
+        if rows and rows[0].ndim == 0:  # one flat prompt given as a list of ints
+            rows = [np.asarray(prompt_tokens)]
+    if not rows:
+        raise ValueError("prompt_tokens: expected at least one prompt, got none")
+    lengths = np.asarray([len(r) for r in rows], np.int32)
+    if lengths.min() < 1:
+        raise ValueError(f"prompt_tokens: prompt {int(np.argmin(lengths))} is empty; every prompt needs >= 1 token")
+    for i, r in enumerate(rows):
+        if r.ndim != 1 or not np.issubdtype(r.dtype, np.integer):
+            raise ValueError(f"prompt_tokens: prompt {i} must be a flat sequence of integer ids, got {r.dtype} "
+                             f"shape {r.shape}")
+        bad = (r < 0) | (r >= vocab_size)
+        if bad.any():
+            raise ValueError(f"prompt_tokens: prompt {i} has token id {int(r[bad][0])} outside the vocabulary "
+                             f"0..{vocab_size - 1}")
+    out = np.zeros((len(rows), int(lengths.max())), np.int32)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = r
+    return out, lengths
+
+
+def sample_logits(logits_BV, key, *, temperature, top_k: Optional[int], top_p, greedy: bool):
+    """Next token ids [B] from float logits [B, V] (see the module docstring)."""
+    logits = logits_BV.astype(jnp.float32)
+    if greedy:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / temperature
+    neg = jnp.finfo(jnp.float32).min
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = lax.top_k(logits, top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth, neg, logits)
+    if top_p is not None:
+        order = jnp.argsort(-logits, axis=-1)
+        sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        before = jnp.cumsum(probs, axis=-1) - probs  # probability mass strictly above each token
+        keep_sorted = before < top_p  # the most likely token is always kept
+        keep = jnp.zeros_like(keep_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(keep_sorted)
+        logits = jnp.where(keep, logits, neg)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "top_k", "greedy", "use_top_p", "pad_id"))
+def _generate(params, prompts, prompt_lengths, cache, key, temperature, top_p, stop_tokens, *, cfg: ModelConfig,
+              max_new_tokens: int, top_k, greedy: bool, use_top_p: bool, pad_id: int):
+    from ..model import Transformer
+
+    model = Transformer(cfg)
+    batch = prompts.shape[0]
+    sample = functools.partial(sample_logits, temperature=temperature, top_k=top_k,
+                               top_p=top_p if use_top_p else None, greedy=greedy)
+    logits, cache = model.apply({"params": params}, prompts, cache=cache, valid_lengths=prompt_lengths)
+    last = jnp.take_along_axis(logits, (prompt_lengths - 1)[:, None, None], axis=1)[:, 0]
+    tok = sample(last, jax.random.fold_in(key, 0))
+    is_stop = lambda t: jnp.any(t[:, None] == stop_tokens[None, :], axis=-1)
+    out = jnp.full((batch, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(tok)
+    done = is_stop(tok)
+    n_gen = jnp.ones((batch,), jnp.int32)
+
+    def cond(state):
+        i, _, _, _, done, _ = state
+        return (i < max_new_tokens) & ~jnp.all(done)
+
+    def body(state):
+        i, cache, tok, out, done, n_gen = state
+        logits, cache = model.apply({"params": params}, tok[:, None], cache=cache)
+        new = sample(logits[:, 0], jax.random.fold_in(key, i))
+        out = out.at[:, i].set(jnp.where(done, pad_id, new))
+        n_gen = n_gen + (~done).astype(jnp.int32)
+        done = done | is_stop(new)
+        return i + 1, cache, new, out, done, n_gen
+
+    state = (jnp.int32(1), cache, tok, out, done, n_gen)
+    _, _, _, out, _, n_gen = lax.while_loop(cond, body, state)
+    return out, n_gen
+
+
+def generate(params, cfg: ModelConfig, prompt_tokens: Union[Sequence[Sequence[int]], np.ndarray],
+             max_new_tokens: int, *, temperature: float = 0.0, top_k: Optional[int] = None,
+             top_p: Optional[float] = None, seed: int = 0, stop_tokens: Sequence[int] = (),
+             max_len: Optional[int] = None, pad_id: int = 0, cache_dtype=None, mesh=None) -> Generation:
+    """Generate up to ``max_new_tokens`` tokens after each prompt (see the module docstring)."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens: expected an integer >= 1, got {max_new_tokens!r}")
+    if not (isinstance(temperature, (int, float)) and temperature >= 0 and np.isfinite(temperature)):
+        raise ValueError(f"temperature: expected a finite number >= 0, got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k: expected None or an integer >= 1, got {top_k!r}")
+    if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+        raise ValueError(f"top_p: expected None or a number in (0, 1], got {top_p!r}")
+    stops = np.asarray(list(stop_tokens), np.int32).reshape(-1)
+    if stops.size and ((stops < 0) | (stops >= cfg.vocab_size)).any():
+        raise ValueError(f"stop_tokens: ids must lie in 0..{cfg.vocab_size - 1}, got {stops.tolist()}")
+    prompts, lengths = prepare_prompts(prompt_tokens, cfg.vocab_size)
+    longest = int(lengths.max())
+    capacity = cfg.max_seq_len if max_len is None else int(max_len)
+    if capacity > cfg.max_seq_len:
+        raise ValueError(f"max_len={capacity} exceeds the model's max_seq_len={cfg.max_seq_len}")
+    if longest > capacity:
+        raise ValueError(f"prompt of {longest} tokens is longer than max_len={capacity}")
+    if longest + max_new_tokens > capacity:
+        raise ValueError(f"generation past the cache capacity: prompt {longest} + max_new_tokens {max_new_tokens} "
+                         f"> max_len={capacity}; shorten the prompt or ask for fewer tokens")
+    if max_len is None:
+        capacity = min(cfg.max_seq_len, _round_up(longest + max_new_tokens, _BUCKET))
+    padded_len = min(_round_up(longest, _BUCKET // 4), capacity)
+    prompts = np.pad(prompts, ((0, 0), (0, padded_len - prompts.shape[1])), constant_values=pad_id)
+    if not stops.size:
+        stops = np.asarray([-1], np.int32)  # matches nothing
+    dtype = jnp.dtype(cache_dtype or cfg.compute_dtype)
+    cache = init_cache(cfg, prompts.shape[0], capacity, dtype=dtype)
+    if mesh is not None:
+        from .. import parallel
+
+        cache = jax.device_put(cache, parallel.cache_shardings(cfg, cache, mesh))
+    greedy = temperature == 0
+    out, n = _generate(params, jnp.asarray(prompts), jnp.asarray(lengths), cache, jax.random.key(seed),
+                       jnp.float32(temperature if not greedy else 1.0), jnp.float32(top_p or 1.0),
+                       jnp.asarray(stops), cfg=cfg, max_new_tokens=int(max_new_tokens), top_k=top_k, greedy=greedy,
+                       use_top_p=top_p is not None, pad_id=int(pad_id))
+    return Generation(np.asarray(out), np.asarray(n))

@@ -1,0 +1,184 @@
+"""Load a trained run in a notebook:
+
+    run = tpa_jax.load("runs/t6-tiny")           # the run directory (or its checkpoints/ folder)
+    run.generate("def fibonacci(n):", max_new_tokens=64)
+    run.config, run.params, run.tokenizer, run.model, run.step, run.train_config
+
+``load`` reads the checkpoint's saved configuration and tokenizer, restores the parameters of the
+latest step (or ``step``) onto whatever devices are present -- replicated on one device by default,
+or sharded by their logical axes over a given ``mesh`` -- and leaves the optimizer state on disk.
+A latest checkpoint that cannot be read is reported and the previous one is used.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from typing import Any, Optional, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+from .config import ModelConfig, TrainConfig
+from .data.tokenizers import Tokenizer, load_tokenizer
+from .inference.generate import Generation, generate
+from .model import Transformer
+from .train.checkpoint import CheckpointError
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Run", "load", "find_checkpoint_dir", "CheckpointError"]
+
+
+@dataclasses.dataclass
+class Run:
+    """A restored model: config, params, tokenizer and the flax module, plus text generation."""
+
+    config: ModelConfig
+    params: Any
+    tokenizer: Tokenizer
+    train_config: TrainConfig
+    step: int
+    checkpoint_dir: str
+
+    @property
+    def model(self) -> Transformer:
+        return Transformer(self.config)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode([int(i) for i in ids])
+
+    def generate_tokens(self, prompts: Sequence[str], max_new_tokens: int = 64, *, stop_at_eot: bool = True,
+                        **sampling) -> Generation:
+        ids = [self.encode(p) for p in prompts]
+        for i, x in enumerate(ids):
+            if not x:
+                if self.tokenizer.eot_id is None:
+                    raise ValueError(f"prompt {i} is empty and the tokenizer has no end-of-text token to start from")
+                ids[i] = [self.tokenizer.eot_id]
+        stops = tuple(sampling.pop("stop_tokens", ()))
+        if stop_at_eot and self.tokenizer.eot_id is not None:
+            stops += (self.tokenizer.eot_id,)
+        return generate(self.params, self.config, ids, max_new_tokens, stop_tokens=stops, **sampling)
+
+    def generate(self, text: Union[str, Sequence[str]], max_new_tokens: int = 64, *, temperature: float = 0.0,
+                 top_k: Optional[int] = None, top_p: Optional[float] = None, seed: int = 0,
+                 stop_at_eot: bool = True) -> Union[str, list[str]]:
+        """Continuation(s) of ``text`` (a string, or a list of strings generated as one batch).
+        The end-of-text token, when the tokenizer has one, ends a row and is not returned."""
+        single = isinstance(text, str)
+        prompts = [text] if single else list(text)
+        out = self.generate_tokens(prompts, max_new_tokens, stop_at_eot=stop_at_eot, temperature=temperature,
+                                   top_k=top_k, top_p=top_p, seed=seed)
+        texts = []
+        for row, n in zip(out.tokens, out.lengths):
+            row = [int(t) for t in row[:n]]
+            if stop_at_eot and row and row[-1] == self.tokenizer.eot_id:
+                row = row[:-1]
+            texts.append(self.decode(row))
+        return texts[0] if single else texts
+
+    def logits(self, tokens) -> jax.Array:
+        """Full-forward float32 logits [B, T, vocab] of int tokens [B, T]."""
+        return _forward(self.config)(self.params, jnp.asarray(tokens, jnp.int32))
+
+    def __repr__(self) -> str:
+        n = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(self.params))
+        c = self.config
+        return (f"Run(step={self.step}, attention={c.attention!r}, n_layer={c.n_layer}, d_model={c.d_model}, "
+                f"params={n:,}, tokenizer={self.tokenizer.name!r}, checkpoint_dir={self.checkpoint_dir!r})")
+
+
+_FORWARDS: dict = {}
+
+
+def _forward(cfg: ModelConfig):
+    if cfg not in _FORWARDS:
+        model = Transformer(cfg)
+        _FORWARDS[cfg] = jax.jit(lambda p, t: model.apply({"params": p}, t))
+    return _FORWARDS[cfg]
+
+
+def find_checkpoint_dir(path: Union[str, os.PathLike]) -> str:
+    """The Orbax checkpoint directory of ``path``: a run directory or its ``checkpoints`` folder."""
+    path = os.path.abspath(os.fspath(path))
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"checkpoint directory {path} does not exist")
+    sub = os.path.join(path, "checkpoints")
+    if os.path.isdir(sub):
+        path = sub
+    steps = [d for d in os.listdir(path) if d.isdigit() and os.path.isdir(os.path.join(path, d))]
+    if not steps:
+        raise CheckpointError(f"no checkpoints in {path} (expected numbered step folders, e.g. a run "
+                              f"directory's checkpoints/)")
+    return path
+
+
+def _abstract_params(cfg: ModelConfig, mesh=None):
+    """ShapeDtypeStructs of the parameter tree, replicated on one device or sharded over ``mesh``."""
+    from jax.sharding import SingleDeviceSharding
+
+    from . import parallel
+
+    model = Transformer(cfg)
+    boxed = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
+    abstract = parallel.unbox(boxed)
+    if mesh is None:
+        sharding = SingleDeviceSharding(jax.local_devices()[0])
+        return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), abstract)
+    shardings = parallel.param_shardings(boxed, mesh)
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+
+
+def _restore_step(mngr: ocp.CheckpointManager, step: int, mesh) -> tuple[dict, Any]:
+    meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    tcfg = TrainConfig.from_dict(meta["config"])
+    target = {"params": _abstract_params(tcfg.model, mesh)}
+    state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True)))
+    return meta, state["state"]["params"]
+
+
+def load(checkpoint_dir: Union[str, os.PathLike], step: Optional[int] = None, *, mesh=None) -> Run:
+    """Restore a training run's model for inference (see the module docstring).
+
+    Errors, each one line: a missing directory (``FileNotFoundError``), a directory without
+    checkpoints or none that can be read (``CheckpointError``), a ``step`` that does not exist
+    (``CheckpointError`` listing the steps there are).
+    """
+    path = find_checkpoint_dir(checkpoint_dir)
+    absl_log = logging.getLogger("absl")
+    level = absl_log.level
+    absl_log.setLevel(logging.ERROR)  # read-only managers warn about being read-only
+    try:
+        mngr = ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(read_only=True, create=False))
+    finally:
+        absl_log.setLevel(level)
+    try:
+        steps = sorted(mngr.all_steps(), reverse=True)
+        if step is not None:
+            if step not in steps:
+                raise CheckpointError(f"checkpoint step {step} not found in {path} (have {sorted(steps)})")
+            steps = [step]
+        errors = []
+        for s in steps:
+            try:
+                meta, params = _restore_step(mngr, s, mesh)
+            except Exception as e:  # a partial or corrupt step folder: report, keep looking
+                first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                errors.append(f"step {s}: {type(e).__name__}: {first}"[:300])
+                log.warning("checkpoint %s in %s could not be restored (%s)", s, path, errors[-1])
+                continue
+            if errors:
+                log.warning("loaded step %d; newer checkpoint(s) could not be read: %s", s, "; ".join(errors))
+            tcfg = TrainConfig.from_dict(meta["config"])
+            return Run(config=tcfg.model, params=params, tokenizer=load_tokenizer(meta["tokenizer"]),
+                       train_config=tcfg, step=int(s), checkpoint_dir=path)
+        raise CheckpointError(f"no readable checkpoint in {path}: " + "; ".join(errors))
+    finally:
+        mngr.close()
