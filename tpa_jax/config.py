@@ -239,18 +239,45 @@ def _int_ge(v: Any, minimum: int) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    source: str = "embedded"  # "embedded" (stdlib sources) or "manifest" (prepared shards at `path`)
+    # "embedded" (stdlib sources), "manifest" (prepared shards at `path`) or "recall" (synthetic
+    # multi-query associative recall, tpa_jax.data.recall; examples are seq_len tokens long)
+    source: str = "embedded"
     path: Optional[str] = None  # manifest file or directory for source="manifest"
     tokenizer: str = "byte"  # tokenizer for the embedded corpus
     cache_dir: Optional[str] = None  # where embedded shards are written (default: ~/.cache/tpa_jax/...)
     seq_len: int = 128
+    # source="recall" only.  Ids: 0 filler, keys 1..recall_keys, values after the keys (byte vocab: <= 256 ids)
+    recall_pairs: int = 8  # key-value pairs at the start of every example (distinct keys)
+    recall_queries: Optional[int] = None  # keys queried later in the example (distinct); None: recall_pairs
+    recall_keys: int = 127  # size of the key id range
+    recall_values: int = 128  # size of the value id range
+    recall_noise: bool = False  # positions outside pairs and queries: False: filler id 0, True: random key/value ids
+    recall_seed: int = 0  # generator seed (TrainConfig.seed only shuffles); train and val are separate streams
+    recall_train_examples: int = 100_000  # size of the random-access train split
+    recall_val_examples: int = 1024  # size of the held-out split
 
     def __post_init__(self):
-        _check("DataConfig", "source", self.source in ("embedded", "manifest"), "'embedded' or 'manifest'",
-               self.source)
+        _check("DataConfig", "source", self.source in ("embedded", "manifest", "recall"),
+               "'embedded', 'manifest' or 'recall'", self.source)
         _check("DataConfig", "path", self.source != "manifest" or bool(self.path),
                "a manifest path when source='manifest'", self.path)
         _check("DataConfig", "seq_len", _int_ge(self.seq_len, 1), "an integer >= 1", self.seq_len)
+        for f, lo in (("recall_pairs", 1), ("recall_keys", 1), ("recall_values", 1), ("recall_seed", 0),
+                      ("recall_train_examples", 1), ("recall_val_examples", 1)):
+            _check("DataConfig", f, _int_ge(getattr(self, f), lo), f"an integer >= {lo}", getattr(self, f))
+        q = self.recall_pairs if self.recall_queries is None else self.recall_queries
+        _check("DataConfig", "recall_queries", _int_ge(q, 1) and q <= self.recall_pairs,
+               f"None or an integer in [1, recall_pairs={self.recall_pairs}]", self.recall_queries)
+        _check("DataConfig", "recall_noise", isinstance(self.recall_noise, bool), "a bool", self.recall_noise)
+        if self.source == "recall":
+            _check("DataConfig", "recall_pairs", self.recall_pairs <= self.recall_keys,
+                   f"<= recall_keys={self.recall_keys} (keys are distinct)", self.recall_pairs)
+            _check("DataConfig", "recall_keys", 1 + self.recall_keys + self.recall_values <= 256,
+                   f"1 + recall_keys + recall_values <= 256 (byte vocabulary; recall_values={self.recall_values})",
+                   self.recall_keys)
+            _check("DataConfig", "seq_len", self.seq_len + 1 >= 2 * (self.recall_pairs + q),
+                   f">= 2*(recall_pairs + queries) - 1 = {2 * (self.recall_pairs + q) - 1} "
+                   f"({self.recall_pairs} pairs, {q} queries)", self.seq_len)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,8 +1,10 @@
-"""Data: embedded corpus, tokenizers, token shards + manifest, Grain pipeline."""
+"""Data: embedded corpus, tokenizers, token shards + manifest, Grain pipeline, synthetic recall task."""
 from .tokenizers import ByteTokenizer, HFTokenizer, TiktokenTokenizer, Tokenizer, load_tokenizer
 from .shards import (check_compatible, default_cache_dir, load_manifest, prepare_embedded, prepare_files,
                      prepare_hf, read_split, split_tokens, token_dtype)
 from .pipeline import TokenWindows, eval_batches, make_dataset, make_iterator, split_batch, to_global
+from .recall import (RecallSource, RecallTask, evaluate_recall, is_recall_manifest, make_recall_eval_step,
+                     recall_accuracy, recall_batches, recall_counts, recall_manifest)
 from . import corpus
 
 __all__ = [
@@ -10,5 +12,7 @@ __all__ = [
     "prepare_embedded", "prepare_files", "prepare_hf", "load_manifest", "check_compatible",
     "default_cache_dir", "read_split", "split_tokens", "token_dtype",
     "TokenWindows", "make_dataset", "make_iterator", "eval_batches", "split_batch", "to_global",
+    "RecallTask", "RecallSource", "recall_manifest", "is_recall_manifest", "recall_counts", "recall_accuracy",
+    "recall_batches", "make_recall_eval_step", "evaluate_recall",
     "corpus",
 ]

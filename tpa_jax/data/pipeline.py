@@ -15,6 +15,10 @@ share one token with the next, so ``inputs = w[:-1]`` and ``targets = w[1:]``); 
         .map(split into inputs / targets)
         .to_iter_dataset(ReadOptions(...))
 
+The manifest may also be a ``recall.recall_manifest`` (synthetic associative recall): then the
+source is a ``recall.RecallSource`` whose items already are {"inputs", "targets"} [T] dicts, and
+the same shuffle / repeat / shard / batch chain applies (without the inputs / targets split).
+
 Sharding by striding the *shuffled* sequence means that the union of the processes' k-th batches
 is exactly the k-th batch a single process would see: the global batch does not depend on the
 number of processes. The iterator is a ``grain.DatasetIterator``; its ``get_state()`` (a small
@@ -29,6 +33,7 @@ from typing import Any, Iterator, Optional, Union
 
 import numpy as np
 
+from .recall import RecallSource, is_recall_manifest, recall_batches
 from .shards import load_manifest, split_tokens
 
 __all__ = ["TokenWindows", "make_dataset", "make_iterator", "to_global", "eval_batches", "split_batch"]
@@ -99,6 +104,16 @@ def split_batch(windows: np.ndarray) -> dict:
     return {"inputs": np.ascontiguousarray(windows[:, :-1]), "targets": np.ascontiguousarray(windows[:, 1:])}
 
 
+def _source(manifest, split: str, seq_len: int):
+    """The random-access source for ``split``: ``TokenWindows``, or a ``RecallSource``."""
+    if is_recall_manifest(manifest):
+        src = RecallSource.from_manifest(manifest, split)
+        if src.seq_len != seq_len:
+            raise ValueError(f"seq_len {seq_len} differs from the recall task's seq_len {src.seq_len}")
+        return src
+    return TokenWindows(manifest, split, seq_len)
+
+
 def _mark_absl_flags_parsed() -> None:
     # grain 0.2.18: worker processes read absl flags and raise UnparsedFlagAccessError unless the
     # flags were parsed (programs not started through absl.app.run never parse them).
@@ -108,6 +123,10 @@ def _mark_absl_flags_parsed() -> None:
         return
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
+
+
+def _unit(src, seq_len: int) -> str:
+    return "examples" if isinstance(src, RecallSource) else f"windows of {seq_len}+1 tokens"
 
 
 def make_dataset(manifest, split: str, seq_len: int, global_batch: int, seed: int, process_index: int = 0,
@@ -121,7 +140,7 @@ def make_dataset(manifest, split: str, seq_len: int, global_batch: int, seed: in
         raise ValueError(f"global_batch {global_batch} must be a positive multiple of process_count {process_count}")
     if num_epochs is not None and num_epochs < 1:
         raise ValueError(f"num_epochs must be >= 1 or None, got {num_epochs}")
-    src = TokenWindows(manifest, split, seq_len)
+    src = _source(manifest, split, seq_len)
     ds = grain.MapDataset.source(src)
     if shuffle:
         ds = ds.seed(int(seed)).shuffle()
@@ -129,13 +148,13 @@ def make_dataset(manifest, split: str, seq_len: int, global_batch: int, seed: in
     if num_epochs is not None:
         usable = len(ds) // global_batch * global_batch
         if usable == 0:
-            raise ValueError(f"split {split!r} has {len(src)} windows of {seq_len}+1 tokens x {num_epochs} epochs, "
+            raise ValueError(f"split {split!r} has {len(src)} {_unit(src, seq_len)} x {num_epochs} epochs, "
                              f"fewer than one global batch of {global_batch}")
         ds = ds[:usable]
     if process_count > 1:
         ds = ds[process_index::process_count]
     ds = ds.batch(global_batch // process_count, drop_remainder=True)
-    return ds.map(split_batch)
+    return ds if isinstance(src, RecallSource) else ds.map(split_batch)
 
 
 def make_iterator(manifest, split: str, seq_len: int, global_batch: int, seed: int, process_index: int = 0,
@@ -190,7 +209,11 @@ def eval_batches(manifest, seq_len: int, batch_size: int, max_batches: Optional[
         raise ValueError(f"batch_size {batch_size} must be a positive multiple of process_count {process_count}")
     if process_count < 1 or not 0 <= process_index < process_count:
         raise ValueError(f"process_index {process_index} must be in [0, process_count={process_count})")
-    src = TokenWindows(manifest, split, seq_len)
+    src = _source(manifest, split, seq_len)
+    if isinstance(src, RecallSource):
+        yield from recall_batches(src, batch_size, max_batches, process_index=process_index,
+                                  process_count=process_count)
+        return
     n_batches = len(src) // batch_size
     if n_batches == 0:
         raise ValueError(f"split {split!r} has {len(src)} windows of {seq_len}+1 tokens, fewer than batch_size {batch_size}")

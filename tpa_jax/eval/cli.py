@@ -19,6 +19,13 @@ DEFAULT_FAMILY = "small"
 SIZES = ("small", "medium", "large", "xl", "tiny", "mini")
 
 
+def _checkpoint_error():
+    """The project's CheckpointError, imported only when an exception is being handled."""
+    from ..train.checkpoint import CheckpointError
+
+    return CheckpointError
+
+
 class UsageError(Exception):
     """Bad command-line input: reported as one line on stderr, exit code 2."""
 
@@ -113,11 +120,145 @@ def _run_kv_report(args) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------ perplexity
+def _add_checkpoint_args(p) -> None:
+    p.add_argument("--checkpoint", required=True, metavar="DIR",
+                   help="a training run directory (or its checkpoints/ folder)")
+    p.add_argument("--step", type=_positive_int, default=None, help="checkpoint step (default: the latest)")
+
+
+def _load_run(args):
+    import tpa_jax
+
+    return tpa_jax.load(args.checkpoint, step=args.step)
+
+
+def _add_perplexity(sub) -> None:
+    p = sub.add_parser("perplexity", help="validation loss and perplexity of a checkpoint",
+                       description="Loss and perplexity of a checkpoint on held-out shards (default: the "
+                                   "validation split of the data it was trained on).")
+    _add_checkpoint_args(p)
+    p.add_argument("--data", default=None, metavar="MANIFEST",
+                   help="prepared shards (manifest.json or its directory; default: the run's own data)")
+    p.add_argument("--split", default="val", help="split to read (default val)")
+    p.add_argument("--seq-len", type=_positive_int, default=None, help="window length (default: the run's)")
+    p.add_argument("--batch-size", type=_positive_int, default=8, help="windows per batch (default 8)")
+    p.add_argument("--max-batches", type=_positive_int, default=None, help="stop after this many batches")
+    p.add_argument("--out", default=None, metavar="FILE", help="also write the result as JSON here")
+    p.set_defaults(func=_run_perplexity)
+
+
+def _run_perplexity(args) -> int:
+    from .perplexity import perplexity
+
+    res = perplexity(_load_run(args), args.data, split=args.split, seq_len=args.seq_len,
+                     batch_size=args.batch_size, max_batches=args.max_batches)
+    res["checkpoint"] = os.path.abspath(args.checkpoint)
+    print(json.dumps(res))
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(res, f, indent=1)
+    return 0
+
+
+# ------------------------------------------------------------------------------------ generate
+def _add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="continue a prompt with a checkpoint",
+                       description="Continue --prompt with a checkpoint (greedy unless --temperature > 0).")
+    _add_checkpoint_args(p)
+    p.add_argument("--prompt", action="append", required=True, metavar="TEXT",
+                   help="prompt text (repeatable: the prompts are generated as one batch)")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-k", type=_positive_int, default=None)
+    p.add_argument("--top-p", type=_positive_float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the texts")
+    p.set_defaults(func=_run_generate)
+
+
+def _run_generate(args) -> int:
+    run = _load_run(args)
+    texts = run.generate(args.prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                         top_p=args.top_p, seed=args.seed)
+    if args.json:
+        print(json.dumps({"step": run.step, "prompts": args.prompt, "completions": texts}))
+    else:
+        for prompt, text in zip(args.prompt, texts):
+            print(prompt + text)
+    return 0
+
+
+# ------------------------------------------------------------------------------------ decode-bench
+def _add_decode_bench(sub) -> None:
+    mechanisms = ("mha", "mqa", "gqa", "mla", "tpa")  # tpa_jax.eval.decode_bench.MECHANISMS (no jax import here)
+    p = sub.add_parser(
+        "decode-bench", help="per-token decode time vs context length of every mechanism (paper Fig. 5)",
+        description="Times the model's jitted one-token decode step against a full cache at contexts "
+                    "2**min-log2 .. 2**max-log2 (d_h, TPA ranks (16,1,1), GQA 4 groups as in Fig. 5) and "
+                    "reports ms per token per mechanism and TPA's time ratios to the others.")
+    p.add_argument("--d-model", type=_positive_int, nargs="+", default=[1024, 2048], metavar="M",
+                   help="embedding dimensions (default 1024 2048); heads = d_model / head_dim")
+    p.add_argument("--batch", type=_positive_int, nargs="+", default=[1, 4], metavar="B",
+                   help="batch sizes (default 1 4)")
+    p.add_argument("--min-log2", type=int, default=10, help="shortest context 2**N (default 10)")
+    p.add_argument("--max-log2", type=int, default=15, help="longest context 2**N (default 15)")
+    p.add_argument("--mechanism", nargs="+", choices=mechanisms, default=list(mechanisms),
+                   help="mechanisms to time (default: all five)")
+    p.add_argument("--head-dim", type=_positive_int, default=64, help="d_h of every mechanism (default 64)")
+    p.add_argument("--n-layer", type=_positive_int, default=1, help="layers of the timed model (default 1)")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                   help="compute, weight and cache dtype (default auto: float32 on CPU, bfloat16 elsewhere)")
+    p.add_argument("--reps", type=_positive_int, default=10, help="timed steps per point and mechanism")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling (default 2)")
+    p.add_argument("--decode-impl", default="flash", choices=("flash", "pallas", "materialize"),
+                   help="ModelConfig.decode_impl (default flash)")
+    p.add_argument("--bandwidth", type=_positive_float, default=None,
+                   help="memory bandwidth in bytes/s (e.g. 4.8e12): adds the memory-bound time per point")
+    p.add_argument("--memory-cap-gb", type=_positive_float, default=4.0,
+                   help="skip points whose cache exceeds this many GiB (default 4)")
+    p.add_argument("--param-init", default="model", choices=("model", "fast"),
+                   help="model: the model's init; fast: pseudo-random weights of the same shapes")
+    p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    p.add_argument("--out", default=os.path.join("runs", "decode_bench"),
+                   help="output directory for decode_bench.json and decode_bench.png (default runs/decode_bench)")
+    p.set_defaults(func=_run_decode_bench)
+
+
+def _run_decode_bench(args) -> int:
+    from .decode_bench import format_table, plot, run_decode_bench
+
+    if args.min_log2 > args.max_log2:
+        raise UsageError(f"--min-log2 {args.min_log2} is larger than --max-log2 {args.max_log2}")
+    result = run_decode_bench(
+        d_models=args.d_model, batch_sizes=args.batch, min_log2=args.min_log2, max_log2=args.max_log2,
+        mechanisms=args.mechanism, n_layer=args.n_layer, head_dim=args.head_dim, dtype=args.dtype, reps=args.reps,
+        warmup=args.warmup, decode_impl=args.decode_impl, bandwidth=args.bandwidth,
+        memory_cap_gb=args.memory_cap_gb, param_init=args.param_init, progress=not args.quiet)
+    print(format_table(result))
+    os.makedirs(args.out, exist_ok=True)
+    json_path = os.path.join(args.out, "decode_bench.json")
+    png_path = os.path.join(args.out, "decode_bench.png")
+    with open(json_path, "w") as f:
+        json.dump(result, f, indent=1)
+        f.write("\n")
+    if result["entries"]:
+        plot(result, png_path)
+        print(f"\nwrote {json_path} and {png_path}")
+    else:
+        print(f"\nwrote {json_path} (every point skipped: no plot)")
+    return 0
+
+
 # ------------------------------------------------------------------------------------ main
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="eval.py", description="Evaluate TPA / T6 models and their baselines.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_kv_report(sub)
+    _add_perplexity(sub)
+    _add_generate(sub)
+    _add_decode_bench(sub)
     return parser
 
 
@@ -126,6 +267,6 @@ def main(argv=None) -> int:
     try:
         args = parser.parse_args(argv)
         return args.func(args)
-    except (UsageError, ValueError, FileNotFoundError) as e:
+    except (UsageError, ValueError, FileNotFoundError, _checkpoint_error()) as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2

@@ -18,7 +18,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from .. import accounting, parallel
 from ..config import TrainConfig
-from ..data import check_compatible, eval_batches, load_manifest, load_tokenizer, make_iterator, prepare_embedded
+from ..data import (check_compatible, eval_batches, is_recall_manifest, load_manifest, load_tokenizer,
+                    make_iterator, make_recall_eval_step, prepare_embedded, recall_manifest)
 from ..model import Transformer
 from . import checkpoint as ckpt
 from .metrics import MetricsWriter, peak_flops
@@ -36,6 +37,8 @@ def resolve_manifest(tcfg: TrainConfig) -> dict:
     d = tcfg.data
     if d.source == "embedded":
         return load_manifest(prepare_embedded(d.cache_dir, tokenizer=d.tokenizer))
+    if d.source == "recall":  # synthetic: a manifest-shaped description, nothing on disk
+        return recall_manifest(d)
     return load_manifest(d.path)
 
 
@@ -81,12 +84,26 @@ def greedy_sample(model, params, prompt_ids: Sequence[int], n_new: int, max_len:
 
 
 def evaluate(eval_fn, params, manifest, tcfg: TrainConfig, batch_shard) -> dict:
-    losses = []
+    """Validation loss / perplexity; for the recall task ``eval_fn`` is ``make_recall_eval_step``'s
+    (a dict with the loss and the recall counts) and the record adds ``val_recall_acc`` (per query)
+    and ``val_recall_exact`` (per example)."""
+    losses, counts = [], []
     for batch in eval_batches(manifest, tcfg.data.seq_len, tcfg.batch_size // tcfg.optim.accum_steps,
                               tcfg.eval_batches):
-        losses.append(float(eval_fn(params, jax.device_put(batch, batch_shard))))
+        out = eval_fn(params, jax.device_put(batch, batch_shard))
+        if isinstance(out, dict):
+            out = dict(out)
+            losses.append(float(out.pop("loss")))
+            counts.append(out)
+        else:
+            losses.append(float(out))
     loss = float(np.mean(losses))
-    return {"val_loss": loss, "val_ppl": float(math.exp(min(loss, 50.0)))}
+    rec = {"val_loss": loss, "val_ppl": float(math.exp(min(loss, 50.0)))}
+    if counts:
+        c = {k: sum(int(x[k]) for x in counts) for k in counts[0]}
+        rec["val_recall_acc"] = c["correct"] / max(c["total"], 1)
+        rec["val_recall_exact"] = c["all_correct"] / max(c["examples"], 1)
+    return rec
 
 
 def train(tcfg: TrainConfig, *, devices=None, progress: bool = True, stop_at_step: Optional[int] = None) -> dict:
@@ -135,7 +152,8 @@ def train(tcfg: TrainConfig, *, devices=None, progress: bool = True, stop_at_ste
     step_fn = jax.jit(make_train_step(tcfg, tx, schedule), in_shardings=(state_sh, batch_sh),
                       out_shardings=(state_sh, replicated), donate_argnums=0)
     eval_sh = parallel.batch_sharding(mesh, tcfg.batch_size // tcfg.optim.accum_steps)
-    eval_fn = jax.jit(make_eval_step(tcfg), in_shardings=(param_sh, eval_sh), out_shardings=replicated)
+    eval_step = make_recall_eval_step(cfg) if is_recall_manifest(manifest) else make_eval_step(tcfg)
+    eval_fn = jax.jit(eval_step, in_shardings=(param_sh, eval_sh), out_shardings=replicated)
 
     def global_batch(b):
         return {k: jax.make_array_from_process_local_data(batch_sh, np.asarray(v, np.int32)) for k, v in b.items()}
@@ -240,8 +258,9 @@ def train(tcfg: TrainConfig, *, devices=None, progress: bool = True, stop_at_ste
         bar.close()
     summary.update(step=step, interrupted=stop.signal is not None, checkpoint_dir=str(mngr.directory))
     if stop.signal is None:
-        summary.update(evaluate(eval_fn, state["params"], manifest, tcfg, eval_sh))
-        writer.write({"step": step, "val_loss": summary["val_loss"], "val_ppl": summary["val_ppl"]})
+        final = evaluate(eval_fn, state["params"], manifest, tcfg, eval_sh)
+        summary.update(final)
+        writer.write({"step": step, **final})
         if tcfg.sample_tokens:  # every process runs the (sharded) computation
             ids = greedy_sample(model, state["params"], tokenizer.encode(tcfg.sample_prompt), tcfg.sample_tokens,
                                 cfg.max_seq_len)
