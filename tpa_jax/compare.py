@@ -29,7 +29,6 @@ Trailing ``key=value`` arguments override TrainConfig fields (JSON values): ``op
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import datetime
 import hashlib
@@ -37,7 +36,6 @@ import json
 import os
 import shlex
 import shutil
-import signal
 import sys
 import time
 from typing import Callable, Iterable, Mapping, Optional, Sequence
@@ -408,6 +406,10 @@ def _plot(out: str, curves: dict, tokens_per_step: int, path: str) -> None:
             axes[0][1].plot([s * tokens_per_step for s in acc_steps],
                             [eval_recs[s]["val_recall_acc"] for s in acc_steps], color=c, marker="o", markersize=3,
                             linewidth=1.6, label=name)
+    later = [r["val_loss"] for _, ev in curves.values() for s, r in ev.items() if s > 0 and "val_loss" in r]
+    if later:  # zoom past the step-0 loss so the members' final differences are readable
+        lo, hi = min(later), max(later)
+        ax.set_ylim(lo - 0.15 * (hi - lo) - 0.02, hi + 0.05 * (hi - lo) + 0.02)
     ax.set_xlabel("training tokens")
     ax.set_ylabel("loss (validation: markers; training: faint)")
     ax.set_title(os.path.basename(os.path.abspath(out)) or "comparison", fontsize=10)
@@ -425,27 +427,6 @@ def _plot(out: str, curves: dict, tokens_per_step: int, path: str) -> None:
 
 
 # ====================================================================== the runner
-@contextlib.contextmanager
-def _stop_between_members():
-    """SIGTERM / SIGINT outside train(): finish nothing new, leave the next member for the rerun."""
-    flag = {"signal": None}
-    old = {}
-
-    def handler(signum, frame):
-        flag["signal"] = signum
-
-    try:
-        for s in (signal.SIGTERM, signal.SIGINT):
-            old[s] = signal.signal(s, handler)
-    except ValueError:  # not the main thread
-        pass
-    try:
-        yield flag
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
-
-
 def run_comparison(size: str = "tiny", steps: int = 1000, *, out: Optional[str] = None,
                    mechanisms: Optional[Iterable[str]] = None, task: str = "corpus", batch: Optional[int] = None,
                    seq_len: Optional[int] = None, data_path: Optional[str] = None, seed: int = 0,
@@ -503,15 +484,17 @@ def run_comparison(size: str = "tiny", steps: int = 1000, *, out: Optional[str] 
     trained, resumed, skipped = [], [], []
     interrupted = None
     from .train import train
+    from .train.loop import StopFlag
 
-    with _stop_between_members() as flag:
+    # SIGTERM / SIGINT between members: start nothing new, leave the rest for the rerun
+    with StopFlag().installed() as flag:
         for name, tcfg in members.items():
             run_dir = tcfg.run_dir
             if os.path.exists(os.path.join(run_dir, RESULT_FILE)):
                 skipped.append(name)
                 log(f"[{name}] finished earlier: kept ({RESULT_FILE})")
                 continue
-            if flag["signal"] is not None:
+            if flag.signal is not None:
                 interrupted = name
                 break
             digests = data_digests(tcfg)

@@ -25,7 +25,7 @@ from .config import ModelConfig, TrainConfig
 from .data.tokenizers import Tokenizer, load_tokenizer
 from .inference.generate import Generation, generate
 from .model import Transformer
-from .train.checkpoint import CheckpointError
+from .train.checkpoint import CheckpointError, restore_newest
 
 log = logging.getLogger(__name__)
 
@@ -160,25 +160,9 @@ def load(checkpoint_dir: Union[str, os.PathLike], step: Optional[int] = None, *,
     finally:
         absl_log.setLevel(level)
     try:
-        steps = sorted(mngr.all_steps(), reverse=True)
-        if step is not None:
-            if step not in steps:
-                raise CheckpointError(f"checkpoint step {step} not found in {path} (have {sorted(steps)})")
-            steps = [step]
-        errors = []
-        for s in steps:
-            try:
-                meta, params = _restore_step(mngr, s, mesh)
-            except Exception as e:  # a partial or corrupt step folder: report, keep looking
-                first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-                errors.append(f"step {s}: {type(e).__name__}: {first}"[:300])
-                log.warning("checkpoint %s in %s could not be restored (%s)", s, path, errors[-1])
-                continue
-            if errors:
-                log.warning("loaded step %d; newer checkpoint(s) could not be read: %s", s, "; ".join(errors))
-            tcfg = TrainConfig.from_dict(meta["config"])
-            return Run(config=tcfg.model, params=params, tokenizer=load_tokenizer(meta["tokenizer"]),
-                       train_config=tcfg, step=int(s), checkpoint_dir=path)
-        raise CheckpointError(f"no readable checkpoint in {path}: " + "; ".join(errors))
+        s, (meta, params) = restore_newest(mngr, lambda s: _restore_step(mngr, s, mesh), step, what="loaded")
     finally:
         mngr.close()
+    tcfg = TrainConfig.from_dict(meta["config"])
+    return Run(config=tcfg.model, params=params, tokenizer=load_tokenizer(meta["tokenizer"]), train_config=tcfg,
+               step=int(s), checkpoint_dir=path)

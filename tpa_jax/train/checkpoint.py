@@ -40,10 +40,11 @@ def restore_meta(mngr: ocp.CheckpointManager, step: int) -> dict:
     return mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
 
-def restore_latest(mngr: ocp.CheckpointManager, abstract_state, step: Optional[int] = None) -> tuple[int, Any, dict]:
-    """(step, state, meta) of the newest checkpoint that restores (or of ``step``).
+def restore_newest(mngr: ocp.CheckpointManager, restore, step: Optional[int] = None, what: str = "restored"):
+    """``(step, restore(step))`` for the newest step whose ``restore`` succeeds (or for ``step``).
 
-    Raises CheckpointError when none does.  Broken ones are reported and left on disk.
+    Steps that fail are reported and left on disk; CheckpointError (one line) when none works or
+    ``step`` does not exist.
     """
     steps = sorted(mngr.all_steps(), reverse=True)
     if step is not None:
@@ -53,14 +54,25 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state, step: Optional[i
     errors = []
     for s in steps:
         try:
-            out = mngr.restore(s, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                                                          meta=ocp.args.JsonRestore()))
-            if errors:
-                log.warning("resuming from step %d; newer checkpoint(s) could not be restored and were kept "
-                            "on disk: %s", s, "; ".join(errors))
-            return s, out["state"], out["meta"]
+            out = restore(s)
         except Exception as e:  # a partial / corrupt step directory
-            msg = f"step {s}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-            log.warning("checkpoint %s could not be restored (%s); trying an older one", s, msg)
-            errors.append(msg)
-    raise CheckpointError(f"no restorable checkpoint in {mngr.directory}: " + ("; ".join(errors) or "none saved"))
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            errors.append(f"step {s}: {type(e).__name__}: {first}"[:300])
+            log.warning("checkpoint %s in %s could not be %s (%s); trying an older one", s, mngr.directory, what,
+                        errors[-1])
+            continue
+        if errors:
+            log.warning("using step %d; newer checkpoint(s) could not be %s and were kept on disk: %s", s, what,
+                        "; ".join(errors))
+        return s, out
+    raise CheckpointError(f"no readable checkpoint in {mngr.directory}: " + ("; ".join(errors) or "none saved"))
+
+
+def restore_latest(mngr: ocp.CheckpointManager, abstract_state, step: Optional[int] = None) -> tuple[int, Any, dict]:
+    """(step, state, meta) of the newest checkpoint that restores (or of ``step``).
+
+    Raises CheckpointError when none does.  Broken ones are reported and left on disk.
+    """
+    s, out = restore_newest(mngr, lambda s: mngr.restore(s, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore())), step)
+    return s, out["state"], out["meta"]

@@ -42,7 +42,7 @@ def resolve_manifest(tcfg: TrainConfig) -> dict:
     return load_manifest(d.path)
 
 
-class _StopFlag:
+class StopFlag:
     """SIGTERM / SIGINT: finish the current step, save, exit cleanly."""
 
     def __init__(self):
@@ -169,7 +169,7 @@ def train(tcfg: TrainConfig, *, devices=None, progress: bool = True, stop_at_ste
     n_chips = mesh.devices.size
     tokens_per_step = tcfg.batch_size * seq
     pending, last_good = [], step
-    stop = _StopFlag()
+    stop = StopFlag()
     summary = {"start_step": step}
     bar = None
     if progress and is_main:
