@@ -1,5 +1,6 @@
 """Shared helpers for the tests."""
 import dataclasses
+from pathlib import Path
 
 import flax.linen as nn
 import jax
@@ -7,6 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from tpa_jax import ModelConfig, Transformer
+
+ROOT = Path(__file__).resolve().parents[1]  # the repository
+FIXTURES_DIR = Path(__file__).resolve().parent / "fixtures"
 
 BASE = ModelConfig(vocab_size=97, n_layer=2, d_model=48, n_head=6, head_dim=8, q_rank=3, k_rank=2, v_rank=2,
                    compute_dtype="float32", max_seq_len=64)

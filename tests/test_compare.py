@@ -14,8 +14,8 @@ from tpa_jax import accounting as acc
 from tpa_jax import compare, configs
 from tpa_jax.config import DataConfig, TrainConfig
 from tpa_jax.data import prepare_files
+from _util import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MEMBERS = ["t6", "mha"]
 
 

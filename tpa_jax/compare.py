@@ -41,7 +41,8 @@ import time
 from typing import Callable, Iterable, Mapping, Optional, Sequence
 
 from . import accounting, configs
-from .config import DataConfig, TrainConfig, _parse_value, apply_overrides
+from .config import DataConfig, TrainConfig
+from .configs import apply_overrides, parse_value
 
 __all__ = ["CompareError", "run_comparison", "build_members", "describe_model", "data_digests", "main",
            "MECHANISM_ORDER", "SIZES", "TASKS"]
@@ -130,7 +131,7 @@ def _split_overrides(overrides: Sequence[str]) -> tuple[dict, list[str]]:
             field = key[len("model."):]
             if "." in field or not field:
                 raise CompareError(f"override {item!r}: expected model.<field>=value")
-            model[field] = _parse_value(value)
+            model[field] = parse_value(value)
         else:
             rest.append(f"{key}={value}")
     return model, rest
@@ -243,11 +244,10 @@ def data_digests(tcfg: TrainConfig) -> dict:
     Rebuilds the data exactly as the training loop does (same manifest, iterator, seed, global
     batch; the deterministic eval pass); identical digests across members mean identical data order
     and validation split.  ``None`` entries: this data source cannot be rebuilt outside train()."""
-    from .data import eval_batches, make_iterator
-    from .train.loop import resolve_manifest
+    from .data import eval_batches, make_iterator, resolve_manifest
 
     try:
-        manifest = resolve_manifest(tcfg)
+        manifest = resolve_manifest(tcfg.data)
     except (ValueError, FileNotFoundError, TypeError, KeyError, AttributeError):
         return {"first_batch": None, "val": None}
     out = {}

@@ -325,7 +325,7 @@ class MeshConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    model: Any = "t6-tiny"  # a named config (tpa_jax.configs) or a ModelConfig
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)  # a dict is read with from_dict
     data: DataConfig = DataConfig()
     optim: OptimConfig = OptimConfig()
     mesh: MeshConfig = MeshConfig()
@@ -345,18 +345,14 @@ class TrainConfig:
     sample_prompt: str = "def "
 
     def __post_init__(self):
-        if isinstance(self.model, str):
-            from . import configs
-
-            object.__setattr__(self, "model", configs.get(self.model))
-        elif isinstance(self.model, Mapping):
+        if isinstance(self.model, Mapping):
             object.__setattr__(self, "model", ModelConfig.from_dict(self.model))
-        _check("TrainConfig", "model", isinstance(self.model, ModelConfig), "a config name or ModelConfig",
-               self.model)
+        _check("TrainConfig", "model", isinstance(self.model, ModelConfig),
+               "a ModelConfig or a dict of its fields (named configs: tpa_jax.configs.get)", self.model)
         for f, sub in (("data", DataConfig), ("optim", OptimConfig), ("mesh", MeshConfig)):
             v = getattr(self, f)
             if isinstance(v, Mapping):
-                object.__setattr__(self, f, sub(**v))
+                object.__setattr__(self, f, _from_dict(sub, v))
         for f, lo in (("steps", 1), ("batch_size", 1), ("log_every", 1), ("eval_every", 1), ("eval_batches", 1),
                       ("save_every", 1), ("keep", 1), ("seed", 0), ("sample_tokens", 0)):
             _check("TrainConfig", f, _int_ge(getattr(self, f), lo), f"an integer >= {lo}", getattr(self, f))
@@ -374,49 +370,3 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "TrainConfig":
         return _from_dict(cls, d)
-
-
-def _parse_value(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
-def apply_overrides(d: dict, overrides) -> dict:
-    """Apply ``a.b.c=value`` overrides (JSON values, bare strings allowed) to a nested dict."""
-    d = json.loads(json.dumps(d))
-    for item in overrides:
-        if "=" not in item:
-            raise ValueError(f"override {item!r}: expected key.path=value")
-        key, value = item.split("=", 1)
-        node = d
-        parts = key.strip().split(".")
-        for p in parts[:-1]:
-            if p not in node or not isinstance(node[p], dict):
-                if p == "model" and isinstance(node.get(p), str):
-                    from . import configs
-
-                    node[p] = configs.get(node[p]).to_dict()
-                else:
-                    node.setdefault(p, {})
-            node = node[p]
-        node[parts[-1]] = _parse_value(value)
-    return d
-
-
-def load_train_config(path: Optional[str] = None, overrides=()) -> TrainConfig:
-    """TrainConfig from a JSON file (or the defaults) plus dotted command-line overrides."""
-    d: dict = {}
-    if path:
-        import os
-
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"config file {path!r} does not exist")
-        with open(path) as f:
-            try:
-                d = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"config file {path!r}: invalid JSON ({e})") from None
-    d = apply_overrides(d, overrides)
-    return TrainConfig.from_dict(d)

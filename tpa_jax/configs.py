@@ -1,13 +1,21 @@
-"""Named model configs: the paper's sizes x mechanisms (Tables 9, 10; App. H.1) and tiny ones.
+"""Named configs and the one place names are resolved.
+
+Owns the paper's model sizes x mechanisms (Tables 9, 10; App. H.1), the CPU-sized tiny/mini
+families, and the reading of training configs from JSON plus dotted ``key=value`` overrides, where
+a ``"model"`` entry may be a name:
 
     tpa_jax.configs.get("t6-small")      # also t6-kvonly-*, mha-*, mqa-*, gqa-*, mla-*
     tpa_jax.configs.get("t6-tiny", compute_dtype="float32")   # field overrides
+    tpa_jax.configs.load_train_config("configs/t6-tiny.json", ["model=mha-tiny", "optim.lr=1e-3"])
 """
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+from typing import Any, Mapping, Optional, Sequence
 
-from .config import ModelConfig
+from .config import ModelConfig, TrainConfig
 
 MECHANISMS = {  # name prefix -> attention field
     "t6": "tpa",
@@ -86,3 +94,72 @@ def family(size: str, **overrides) -> dict[str, ModelConfig]:
 
 def replace(cfg: ModelConfig, **changes) -> ModelConfig:
     return dataclasses.replace(cfg, **changes)
+
+
+# ====================================================================== training configs
+def parse_value(text: str) -> Any:
+    """A command-line value: JSON when it parses (numbers, booleans, null, lists, dicts), else the
+    bare string."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def resolve_model(value: Any) -> Any:
+    """A ``"model"`` entry: a name becomes its config's dict; anything else is returned as is."""
+    return get(value).to_dict() if isinstance(value, str) else value
+
+
+def apply_overrides(d: Mapping[str, Any], overrides: Sequence[str]) -> dict:
+    """Apply ``a.b.c=value`` overrides (values parsed by :func:`parse_value`) to a nested dict.
+
+    A ``model=NAME`` override is applied first, so ``model.n_layer=4 model=mha-tiny`` means mha-tiny
+    with 4 layers; ``model.*`` overrides on a named model edit that config's fields.
+    """
+    d = json.loads(json.dumps(dict(d)))
+    parsed = []
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r}: expected key.path=value")
+        key, value = item.split("=", 1)
+        parsed.append((key.strip().split("."), parse_value(value)))
+    parsed.sort(key=lambda kv: kv[0] != ["model"])  # stable: whole-model replacements first
+    for parts, value in parsed:
+        node = d
+        for p in parts[:-1]:
+            if p == "model" and node is d:
+                node[p] = resolve_model(node.get(p, get(DEFAULT_MODEL).to_dict()))
+            if not isinstance(node.setdefault(p, {}), dict):
+                raise ValueError(f"override {'.'.join(parts)}: {p!r} holds {node[p]!r}, not a group of fields")
+            node = node[p]
+        node[parts[-1]] = value
+    return d
+
+
+DEFAULT_MODEL = "t6-tiny"  # the model of a training config that names none
+
+
+def train_config_from_dict(d: Mapping[str, Any]) -> TrainConfig:
+    """``TrainConfig`` from a dict whose ``"model"`` may be a name (default: ``DEFAULT_MODEL``)."""
+    d = dict(d)
+    d["model"] = resolve_model(d.get("model", DEFAULT_MODEL))
+    return TrainConfig.from_dict(d)
+
+
+def load_train_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> TrainConfig:
+    """TrainConfig from a JSON file (or the defaults) plus dotted command-line overrides."""
+    d: dict = {}
+    if path:
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"config file {path!r} does not exist")
+        if os.path.isdir(path):
+            raise ValueError(f"config file {path!r} is a directory; expected a JSON file")
+        with open(path) as f:
+            try:
+                d = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"config file {path!r}: invalid JSON ({e})") from None
+        if not isinstance(d, dict):
+            raise ValueError(f"config file {path!r}: expected a JSON object, got {type(d).__name__}")
+    return train_config_from_dict(apply_overrides(d, overrides))

@@ -236,18 +236,9 @@ def tree_shardings(logical_axes_tree, abstract_tree, mesh: Mesh, rules=LOGICAL_A
                         logical_axes_tree, abstract_tree, is_leaf=is_axes)
 
 
-def cache_shardings(cfg, cache, mesh: Mesh, rules=LOGICAL_AXIS_RULES) -> Any:
-    """NamedShardings of a decode cache (``tpa_jax.inference.init_cache``) from its logical axes:
-    batch over (data, fsdp), heads over tensor (TPA's head-shared B factors and MLA's latent are
-    replicated over tensor), with the same divisibility fallback as the parameters."""
-    from .inference.cache import cache_logical_axes
-
-    return tree_shardings(cache_logical_axes(cfg), cache, mesh, rules)
-
-
 __all__ = ["MESH_AXES", "LOGICAL_AXIS_RULES", "make_mesh", "mesh_from_config", "logical_to_spec",
            "logical_to_sharding", "logical_axes_of", "unbox", "param_shardings", "shard_params",
-           "batch_sharding", "tree_shardings", "cache_shardings"]
+           "batch_sharding", "tree_shardings", "mesh_context"]
 
 
 @contextlib.contextmanager

@@ -12,6 +12,7 @@ A latest checkpoint that cannot be read is reported and the previous one is used
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 from typing import Any, Optional, Sequence, Union
@@ -24,7 +25,7 @@ import orbax.checkpoint as ocp
 from .config import ModelConfig, TrainConfig
 from .data.tokenizers import Tokenizer, load_tokenizer
 from .inference.generate import Generation, generate
-from .model import Transformer
+from .model import Transformer, abstract_params, logits_fn, model_of
 from .train.checkpoint import CheckpointError, restore_newest
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,7 @@ class Run:
 
     @property
     def model(self) -> Transformer:
-        return Transformer(self.config)
+        return model_of(self.config)
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text)
@@ -85,7 +86,7 @@ class Run:
 
     def logits(self, tokens) -> jax.Array:
         """Full-forward float32 logits [B, T, vocab] of int tokens [B, T]."""
-        return _forward(self.config)(self.params, jnp.asarray(tokens, jnp.int32))
+        return _jit_logits(self.config)(self.params, jnp.asarray(tokens, jnp.int32))
 
     def __repr__(self) -> str:
         n = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(self.params))
@@ -94,14 +95,9 @@ class Run:
                 f"params={n:,}, tokenizer={self.tokenizer.name!r}, checkpoint_dir={self.checkpoint_dir!r})")
 
 
-_FORWARDS: dict = {}
-
-
-def _forward(cfg: ModelConfig):
-    if cfg not in _FORWARDS:
-        model = Transformer(cfg)
-        _FORWARDS[cfg] = jax.jit(lambda p, t: model.apply({"params": p}, t))
-    return _FORWARDS[cfg]
+@functools.lru_cache(maxsize=None)
+def _jit_logits(cfg: ModelConfig):
+    return jax.jit(logits_fn(cfg))
 
 
 def find_checkpoint_dir(path: Union[str, os.PathLike]) -> str:
@@ -119,26 +115,10 @@ def find_checkpoint_dir(path: Union[str, os.PathLike]) -> str:
     return path
 
 
-def _abstract_params(cfg: ModelConfig, mesh=None):
-    """ShapeDtypeStructs of the parameter tree, replicated on one device or sharded over ``mesh``."""
-    from jax.sharding import SingleDeviceSharding
-
-    from . import parallel
-
-    model = Transformer(cfg)
-    boxed = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
-    abstract = parallel.unbox(boxed)
-    if mesh is None:
-        sharding = SingleDeviceSharding(jax.local_devices()[0])
-        return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), abstract)
-    shardings = parallel.param_shardings(boxed, mesh)
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-
-
 def _restore_step(mngr: ocp.CheckpointManager, step: int, mesh) -> tuple[dict, Any]:
     meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     tcfg = TrainConfig.from_dict(meta["config"])
-    target = {"params": _abstract_params(tcfg.model, mesh)}
+    target = {"params": abstract_params(tcfg.model, mesh)}
     state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
         item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True)))
     return meta, state["state"]["params"]

@@ -2,8 +2,8 @@
 from .tokenizers import ByteTokenizer, HFTokenizer, TiktokenTokenizer, Tokenizer, load_tokenizer
 from .shards import (check_compatible, default_cache_dir, load_manifest, prepare_embedded, prepare_files,
                      prepare_hf, read_split, split_tokens, token_dtype)
-from .pipeline import TokenWindows, eval_batches, make_dataset, make_iterator, split_batch, to_global
-from .recall import (RecallSource, RecallTask, evaluate_recall, is_recall_manifest, make_recall_eval_step,
+from .pipeline import TokenWindows, resolve_manifest, eval_batches, make_dataset, make_iterator, split_batch, to_global
+from .recall import (RecallSource, RecallTask, is_recall_manifest,
                      recall_accuracy, recall_batches, recall_counts, recall_manifest)
 from . import corpus
 
@@ -11,8 +11,8 @@ __all__ = [
     "Tokenizer", "ByteTokenizer", "TiktokenTokenizer", "HFTokenizer", "load_tokenizer",
     "prepare_embedded", "prepare_files", "prepare_hf", "load_manifest", "check_compatible",
     "default_cache_dir", "read_split", "split_tokens", "token_dtype",
-    "TokenWindows", "make_dataset", "make_iterator", "eval_batches", "split_batch", "to_global",
+    "TokenWindows", "resolve_manifest", "make_dataset", "make_iterator", "eval_batches", "split_batch", "to_global",
     "RecallTask", "RecallSource", "recall_manifest", "is_recall_manifest", "recall_counts", "recall_accuracy",
-    "recall_batches", "make_recall_eval_step", "evaluate_recall",
+    "recall_batches",
     "corpus",
 ]

@@ -33,10 +33,20 @@ from typing import Any, Iterator, Optional, Union
 
 import numpy as np
 
-from .recall import RecallSource, is_recall_manifest, recall_batches
-from .shards import load_manifest, split_tokens
+from .recall import RecallSource, is_recall_manifest, recall_batches, recall_manifest
+from .shards import load_manifest, prepare_embedded, split_tokens
 
-__all__ = ["TokenWindows", "make_dataset", "make_iterator", "to_global", "eval_batches", "split_batch"]
+__all__ = ["resolve_manifest", "TokenWindows", "make_dataset", "make_iterator", "to_global", "eval_batches", "split_batch"]
+
+
+def resolve_manifest(data_cfg) -> dict:
+    """The manifest a ``DataConfig`` names: the embedded corpus (prepared once into the cache
+    directory), prepared shards at ``path``, or the synthetic recall task (nothing on disk)."""
+    if data_cfg.source == "embedded":
+        return load_manifest(prepare_embedded(data_cfg.cache_dir, tokenizer=data_cfg.tokenizer))
+    if data_cfg.source == "recall":
+        return recall_manifest(data_cfg)
+    return load_manifest(data_cfg.path)
 
 
 class TokenWindows:

@@ -39,7 +39,7 @@ from typing import Any, Iterator, Optional
 import numpy as np
 
 __all__ = ["FILLER_ID", "SPLIT_STREAMS", "RecallTask", "RecallSource", "recall_manifest", "is_recall_manifest",
-           "recall_counts", "recall_accuracy", "make_recall_eval_step", "recall_batches", "evaluate_recall"]
+           "recall_counts", "recall_ratios", "recall_accuracy", "recall_batches"]
 
 FILLER_ID = 0
 SPLIT_STREAMS = {"train": 0, "val": 1, "test": 2}
@@ -212,7 +212,8 @@ def recall_counts(logits_or_predictions, targets, ignore_index: int = -1, xp=Non
             "examples": scored.sum()}
 
 
-def _ratios(c: dict) -> dict:
+def recall_ratios(c: dict) -> dict:
+    """``recall_counts`` (summed over batches) -> the same counts plus ``acc`` and ``exact``."""
     c = {k: int(v) for k, v in c.items()}
     nan = float("nan")
     return {"acc": c["correct"] / c["total"] if c["total"] else nan,
@@ -227,26 +228,10 @@ def recall_accuracy(logits_or_predictions, targets, ignore_index: int = -1) -> d
     total`` is the fraction of scored positions predicted right, ``exact = all_correct / examples``
     the fraction of examples (leading dimension; those without a scored position are left out) with
     every scored position right; each ratio is NaN when there is nothing to score."""
-    return _ratios(recall_counts(np.asarray(logits_or_predictions), np.asarray(targets), ignore_index, xp=np))
+    return recall_ratios(recall_counts(np.asarray(logits_or_predictions), np.asarray(targets), ignore_index, xp=np))
 
 
-# ---------------------------------------------------------------------------------------- evaluation
-def make_recall_eval_step(model_cfg):
-    """``(params, batch) -> {"loss", "correct", "total", "all_correct", "examples"}`` (to be jitted)."""
-    import jax.numpy as jnp
-
-    from ..model import Transformer, cross_entropy
-
-    model = Transformer(model_cfg)
-
-    def eval_step(params, batch):
-        logits = model.apply({"params": params}, batch["inputs"])
-        return {"loss": cross_entropy(logits, batch["targets"]),
-                **recall_counts(logits, batch["targets"], xp=jnp)}
-
-    return eval_step
-
-
+# ---------------------------------------------------------------------------------------- batches
 def recall_batches(source: RecallSource, batch_size: int, max_batches: Optional[int] = None, *,
                    process_index: int = 0, process_count: int = 1) -> Iterator[dict]:
     """Examples 0, 1, 2, ... of ``source`` in order, as {"inputs", "targets"} [b, T] batches; each
@@ -263,27 +248,3 @@ def recall_batches(source: RecallSource, batch_size: int, max_batches: Optional[
     for b in range(n_batches):
         items = [source[i] for i in range(b * batch_size + process_index, (b + 1) * batch_size, process_count)]
         yield {k: np.stack([it[k] for it in items]) for k in ("inputs", "targets")}
-
-
-def evaluate_recall(model, params, data_cfg, *, batches: int = 8, batch_size: int = 16, seed: Optional[int] = None,
-                    split: str = "val") -> dict:
-    """Recall accuracy of ``model`` (a ``Transformer`` or a ``ModelConfig``) with ``params`` on the
-    first ``batches * batch_size`` examples of the held-out ``split`` of the task in ``data_cfg``
-    (a ``DataConfig`` or a ``RecallTask``). ``seed`` overrides the generator seed (default: the
-    config's ``recall_seed``); the held-out stream differs from the training one for any seed.
-
-    Returns ``{"loss", "acc", "exact", "correct", "total", "all_correct", "examples"}`` (single process)."""
-    import jax
-
-    task = data_cfg if isinstance(data_cfg, RecallTask) else RecallTask.from_config(data_cfg)
-    if seed is not None:
-        task = dataclasses.replace(task, seed=int(seed))
-    model_cfg = model.cfg if hasattr(model, "cfg") else model
-    step = jax.jit(make_recall_eval_step(model_cfg))
-    source = RecallSource(task, split, batches * batch_size)
-    losses, totals = [], None
-    for batch in recall_batches(source, batch_size, batches):
-        out = jax.device_get(step(params, batch))
-        losses.append(float(out.pop("loss")))
-        totals = out if totals is None else {k: totals[k] + out[k] for k in totals}
-    return {"loss": float(np.mean(losses)), **_ratios(totals)}

@@ -17,22 +17,21 @@ from typing import Optional, Union
 import jax
 import jax.numpy as jnp
 
-from ..data.pipeline import eval_batches
+from ..data.pipeline import eval_batches, resolve_manifest
 from ..data.shards import check_compatible, load_manifest
-from ..model import Transformer, cross_entropy
+from ..model import loss_fn
 
 __all__ = ["perplexity"]
 
 
 @functools.lru_cache(maxsize=None)
 def _loss_fn(cfg):
-    model = Transformer(cfg)
+    mean_loss = loss_fn(cfg)
 
     @jax.jit
     def loss(params, inputs, targets):
-        logits = model.apply({"params": params}, inputs)
-        valid = targets != -1
-        return cross_entropy(logits, targets) * valid.sum(), valid.sum()
+        count = (targets != -1).sum()
+        return mean_loss(params, inputs, targets) * count, count
 
     return loss
 
@@ -41,11 +40,9 @@ def perplexity(run, manifest: Union[str, dict, None] = None, *, split: str = "va
                batch_size: int = 8, max_batches: Optional[int] = None) -> dict:
     """{"loss", "ppl", "tokens", "batches", ...} of ``run`` on ``split`` of ``manifest`` (default: the
     data the run was trained on).  The token-weighted mean loss is float64-accumulated."""
-    from ..train.loop import resolve_manifest
-
     tcfg = run.train_config
     seq_len = int(seq_len or tcfg.data.seq_len)
-    man = resolve_manifest(tcfg) if manifest is None else load_manifest(manifest)
+    man = resolve_manifest(tcfg.data) if manifest is None else load_manifest(manifest)
     check_compatible(man, run.config.vocab_size, seq_len, run.config.max_seq_len)
     loss_fn = _loss_fn(run.config)
     total, count, batches = 0.0, 0, 0

@@ -19,6 +19,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from .. import parallel
 from ..config import ModelConfig
 
 
@@ -69,3 +70,10 @@ def cache_bytes_per_token(cache: dict) -> int:
     for leaf in jax.tree_util.tree_leaves(cache["layers"]):
         total += math.prod(leaf.shape[3:]) * leaf.shape[0] * leaf.dtype.itemsize
     return total
+
+
+def cache_shardings(cfg: ModelConfig, cache: dict, mesh) -> dict:
+    """NamedShardings of a decode cache from its logical axes: batch over (data, fsdp), heads over
+    tensor (TPA's head-shared B factors and MLA's latent are replicated over tensor), with the
+    same divisibility fallback as the parameters."""
+    return parallel.tree_shardings(cache_logical_axes(cfg), cache, mesh)

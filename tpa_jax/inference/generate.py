@@ -24,7 +24,8 @@ import numpy as np
 from jax import lax
 
 from ..config import ModelConfig
-from .cache import init_cache
+from ..model import logits_fn
+from .cache import cache_shardings, init_cache
 
 __all__ = ["Generation", "generate", "sample_logits", "prepare_prompts"]
 
@@ -96,13 +97,11 @@ def sample_logits(logits_BV, key, *, temperature, top_k: Optional[int], top_p, g
 @functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "top_k", "greedy", "use_top_p", "pad_id"))
 def _generate(params, prompts, prompt_lengths, cache, key, temperature, top_p, stop_tokens, *, cfg: ModelConfig,
               max_new_tokens: int, top_k, greedy: bool, use_top_p: bool, pad_id: int):
-    from ..model import Transformer
-
-    model = Transformer(cfg)
+    forward = logits_fn(cfg)
     batch = prompts.shape[0]
     sample = functools.partial(sample_logits, temperature=temperature, top_k=top_k,
                                top_p=top_p if use_top_p else None, greedy=greedy)
-    logits, cache = model.apply({"params": params}, prompts, cache=cache, valid_lengths=prompt_lengths)
+    logits, cache = forward(params, prompts, cache=cache, valid_lengths=prompt_lengths)
     last = jnp.take_along_axis(logits, (prompt_lengths - 1)[:, None, None], axis=1)[:, 0]
     tok = sample(last, jax.random.fold_in(key, 0))
     is_stop = lambda t: jnp.any(t[:, None] == stop_tokens[None, :], axis=-1)
@@ -116,7 +115,7 @@ def _generate(params, prompts, prompt_lengths, cache, key, temperature, top_p, s
 
     def body(state):
         i, cache, tok, out, done, n_gen = state
-        logits, cache = model.apply({"params": params}, tok[:, None], cache=cache)
+        logits, cache = forward(params, tok[:, None], cache=cache)
         new = sample(logits[:, 0], jax.random.fold_in(key, i))
         out = out.at[:, i].set(jnp.where(done, pad_id, new))
         n_gen = n_gen + (~done).astype(jnp.int32)
@@ -163,9 +162,7 @@ def generate(params, cfg: ModelConfig, prompt_tokens: Union[Sequence[Sequence[in
     dtype = jnp.dtype(cache_dtype or cfg.compute_dtype)
     cache = init_cache(cfg, prompts.shape[0], capacity, dtype=dtype)
     if mesh is not None:
-        from .. import parallel
-
-        cache = jax.device_put(cache, parallel.cache_shardings(cfg, cache, mesh))
+        cache = jax.device_put(cache, cache_shardings(cfg, cache, mesh))
     greedy = temperature == 0
     out, n = _generate(params, jnp.asarray(prompts), jnp.asarray(lengths), cache, jax.random.key(seed),
                        jnp.float32(temperature if not greedy else 1.0), jnp.float32(top_p or 1.0),

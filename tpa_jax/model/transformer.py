@@ -1,15 +1,27 @@
-"""T6 / LLaMA-style decoder: tied embedding, L pre-norm blocks (RMSNorm, attention, RMSNorm,
-SwiGLU), final RMSNorm, float32 logits.  T6 is this model with ``attention="tpa"``.
+"""T6 / LLaMA-style decoder and the one model entry point every consumer uses.
 
-Layers run through ``nn.scan`` (parameters stacked on a leading ``layers`` axis); with
-``scan_layers=False`` the same stack is fully unrolled, so both settings share one parameter tree.
+The model: tied embedding, L pre-norm blocks (RMSNorm, attention, RMSNorm, SwiGLU), final RMSNorm,
+float32 logits.  T6 is this model with ``attention="tpa"``.  Layers run through ``nn.scan``
+(parameters stacked on a leading ``layers`` axis); with ``scan_layers=False`` the same stack is
+fully unrolled, so both settings share one parameter tree.
+
+The entry point, pure functions of a (hashable, frozen) ``ModelConfig``, each built once per config:
+
+    params = init_params(cfg, jax.random.key(0), mesh=None)   # unboxed; sharded when given a mesh
+    logits = logits_fn(cfg)(params, tokens)                    # [B, T] -> float32 [B, T, V]
+    logits, cache = logits_fn(cfg)(params, tokens, cache=cache)   # cached prefill / decode
+    loss = loss_fn(cfg)(params, inputs, targets)               # mean next-token cross-entropy
 """
 from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from .. import parallel
 from ..config import ModelConfig
 from .attention import attention_class, causal_mask
 from .layers import Embedding, RMSNorm, SwiGLU
@@ -96,3 +108,62 @@ def cross_entropy(logits, targets, ignore_index: int = -1):
     picked = jnp.take_along_axis(logits, safe[..., None], axis=-1)[..., 0]
     nll = jnp.where(valid, logz - picked, 0.0)
     return nll.sum() / jnp.maximum(valid.sum(), 1)
+
+
+# ---------------------------------------------------------------------------------- entry point
+@functools.lru_cache(maxsize=None)
+def model_of(cfg: ModelConfig) -> Transformer:
+    """The one ``Transformer`` of ``cfg`` (modules are stateless; one per config suffices)."""
+    return Transformer(cfg)
+
+
+@functools.lru_cache(maxsize=None)
+def logits_fn(cfg: ModelConfig) -> Callable[..., Any]:
+    """``(params, tokens, *, positions=None, cache=None, valid_lengths=None)`` -> logits, or
+    ``(logits, cache)`` when a cache is given.  The same function object for equal configs, so
+    ``jax.jit`` of it compiles once."""
+    model = model_of(cfg)
+
+    def logits(params, tokens: jax.Array, *, positions: Optional[jax.Array] = None, cache: Any = None,
+               valid_lengths: Optional[jax.Array] = None):
+        return model.apply({"params": params}, tokens, positions=positions, cache=cache,
+                           valid_lengths=valid_lengths)
+
+    return logits
+
+
+@functools.lru_cache(maxsize=None)
+def loss_fn(cfg: ModelConfig) -> Callable[[Any, jax.Array, jax.Array], jax.Array]:
+    """``(params, inputs [B, T], targets [B, T]) -> float32`` mean cross-entropy over targets != -1."""
+    logits = logits_fn(cfg)
+
+    def loss(params, inputs: jax.Array, targets: jax.Array) -> jax.Array:
+        return cross_entropy(logits(params, inputs), targets)
+
+    return loss
+
+
+def _example_tokens(cfg: ModelConfig) -> jax.Array:
+    return jnp.zeros((1, min(8, cfg.max_seq_len)), jnp.int32)
+
+
+def init_params(cfg: ModelConfig, rng: jax.Array, mesh: Optional[jax.sharding.Mesh] = None) -> Any:
+    """Freshly initialised, unboxed parameters: on the default device, or created directly sharded
+    over ``mesh`` by their logical axes (no host copy).  Shapes do not depend on the sequence
+    length, so one example length serves every use."""
+    model = model_of(cfg)
+    if mesh is not None:
+        return parallel.shard_params(model, cfg, mesh, rng, _example_tokens(cfg))
+    return jax.jit(lambda key: parallel.unbox(model.init(key, _example_tokens(cfg))["params"]))(rng)
+
+
+def abstract_params(cfg: ModelConfig, mesh: Optional[jax.sharding.Mesh] = None) -> Any:
+    """``ShapeDtypeStruct``s of the parameter tree (a restore target): replicated on the first local
+    device, or carrying the shardings ``init_params(cfg, rng, mesh)`` would give."""
+    boxed = jax.eval_shape(model_of(cfg).init, jax.random.key(0), _example_tokens(cfg))["params"]
+    abstract = parallel.unbox(boxed)
+    if mesh is None:
+        one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one), abstract)
+    shardings = parallel.param_shardings(boxed, mesh)
+    return jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), abstract, shardings)

@@ -45,7 +45,7 @@ def main(argv=None) -> int:
     for noisy in ("absl", "jax._src", "orbax"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
-    from ..config import load_train_config
+    from ..configs import load_train_config
 
     try:
         tcfg = load_train_config(args.config or default_config_path(), args.overrides)

@@ -19,27 +19,18 @@ from jax.sharding import NamedSharding, PartitionSpec
 from .. import accounting, parallel
 from ..config import TrainConfig
 from ..data import (check_compatible, eval_batches, is_recall_manifest, load_manifest, load_tokenizer,
-                    make_iterator, make_recall_eval_step, prepare_embedded, recall_manifest)
-from ..model import Transformer
+                    make_iterator, resolve_manifest)
+from ..inference import generate
 from . import checkpoint as ckpt
 from .metrics import MetricsWriter, peak_flops
 from .optimizer import lr_schedule, make_optimizer
-from .step import init_state, make_eval_step, make_train_step
+from .step import init_state, make_eval_step, make_recall_eval_step, make_train_step
 
 log = logging.getLogger("tpa_jax.train")
 
 
 class NonFiniteLossError(FloatingPointError):
     """The loss or gradient norm became NaN/inf (nan_policy='stop')."""
-
-
-def resolve_manifest(tcfg: TrainConfig) -> dict:
-    d = tcfg.data
-    if d.source == "embedded":
-        return load_manifest(prepare_embedded(d.cache_dir, tokenizer=d.tokenizer))
-    if d.source == "recall":  # synthetic: a manifest-shaped description, nothing on disk
-        return recall_manifest(d)
-    return load_manifest(d.path)
 
 
 class StopFlag:
@@ -70,17 +61,14 @@ class StopFlag:
             self.active = False
 
 
-def greedy_sample(model, params, prompt_ids: Sequence[int], n_new: int, max_len: int) -> list[int]:
-    """Greedy decoding by full forward passes over a fixed-size buffer (one compile)."""
-    prompt_ids = list(prompt_ids)[-max_len + 1:] or [0]
-    total = min(max_len, len(prompt_ids) + n_new)
-    buf = np.zeros((1, total), np.int32)
-    buf[0, : len(prompt_ids)] = prompt_ids
-    fwd = jax.jit(lambda p, t, i: jnp.argmax(model.apply({"params": p}, t)[0, i - 1]))
-    tokens = jnp.asarray(buf)
-    for i in range(len(prompt_ids), total):
-        tokens = tokens.at[0, i].set(fwd(params, tokens, i))
-    return [int(t) for t in np.asarray(tokens[0])]
+def _sample(params, cfg, tokenizer, prompt: str, n_new: int) -> str:
+    """The prompt and its greedy continuation (cached decoding), cut to fit ``max_seq_len``."""
+    ids = tokenizer.encode(prompt)[-(cfg.max_seq_len - 1):] or [tokenizer.eot_id or 0]
+    n_new = min(n_new, cfg.max_seq_len - len(ids))
+    if n_new < 1:
+        return tokenizer.decode(ids)
+    out = generate(params, cfg, [ids], n_new)
+    return tokenizer.decode(ids + [int(t) for t in out.tokens[0, : int(out.lengths[0])]])
 
 
 def evaluate(eval_fn, params, manifest, tcfg: TrainConfig, batch_shard) -> dict:
@@ -114,7 +102,7 @@ def train(tcfg: TrainConfig, *, devices=None, progress: bool = True, stop_at_ste
     cfg = tcfg.model
     is_main = jax.process_index() == 0
     # ---- data and bad input, before anything is compiled
-    manifest = resolve_manifest(tcfg)
+    manifest = resolve_manifest(tcfg.data)
     check_compatible(manifest, cfg.vocab_size, tcfg.data.seq_len, cfg.max_seq_len)
     tokenizer = load_tokenizer(manifest["tokenizer"])
     if tcfg.batch_size % jax.process_count():
@@ -128,7 +116,6 @@ def train(tcfg: TrainConfig, *, devices=None, progress: bool = True, stop_at_ste
 
     # ---- mesh and sharded state
     mesh = parallel.mesh_from_config(tcfg.mesh, devices=devices)
-    model = Transformer(cfg)
     seq = tcfg.data.seq_len
     schedule = lr_schedule(tcfg.optim, tcfg.steps)
     tx = make_optimizer(tcfg.optim, tcfg.steps)
@@ -152,7 +139,7 @@ def train(tcfg: TrainConfig, *, devices=None, progress: bool = True, stop_at_ste
     step_fn = jax.jit(make_train_step(tcfg, tx, schedule), in_shardings=(state_sh, batch_sh),
                       out_shardings=(state_sh, replicated), donate_argnums=0)
     eval_sh = parallel.batch_sharding(mesh, tcfg.batch_size // tcfg.optim.accum_steps)
-    eval_step = make_recall_eval_step(cfg) if is_recall_manifest(manifest) else make_eval_step(tcfg)
+    eval_step = make_recall_eval_step(cfg) if is_recall_manifest(manifest) else make_eval_step(cfg)
     eval_fn = jax.jit(eval_step, in_shardings=(param_sh, eval_sh), out_shardings=replicated)
 
     def global_batch(b):
@@ -262,9 +249,7 @@ def train(tcfg: TrainConfig, *, devices=None, progress: bool = True, stop_at_ste
         summary.update(final)
         writer.write({"step": step, **final})
         if tcfg.sample_tokens:  # every process runs the (sharded) computation
-            ids = greedy_sample(model, state["params"], tokenizer.encode(tcfg.sample_prompt), tcfg.sample_tokens,
-                                cfg.max_seq_len)
-            summary["sample"] = tokenizer.decode(ids)
+            summary["sample"] = _sample(state["params"], cfg, tokenizer, tcfg.sample_prompt, tcfg.sample_tokens)
     writer.close()
     mngr.close()
     summary["state"] = state

@@ -1,12 +1,18 @@
-"""The jit-compiled train step (gradient accumulation inside) and the eval step."""
+"""The train step (gradient accumulation inside), the eval steps and the sharded initial state.
+
+All three are built from the model's one entry point (``tpa_jax.model.loss_fn`` / ``logits_fn`` /
+``init_params``); the training loop jits them with its shardings."""
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from ..config import TrainConfig
-from ..model import Transformer, cross_entropy
+from jax.sharding import NamedSharding, PartitionSpec
+
+from ..config import ModelConfig, TrainConfig
+from ..data.recall import recall_counts
+from ..model import cross_entropy, init_params, logits_fn, loss_fn
 
 
 def make_train_step(tcfg: TrainConfig, tx: optax.GradientTransformation, schedule):
@@ -15,14 +21,9 @@ def make_train_step(tcfg: TrainConfig, tx: optax.GradientTransformation, schedul
     The batch is split into ``accum_steps`` micro-batches whose gradients are averaged inside one
     ``lax.scan``, so k micro-steps of b equal one step of k*b.
     """
-    model = Transformer(tcfg.model)
     accum = tcfg.optim.accum_steps
     skip_nonfinite = tcfg.nan_policy == "skip"
-
-    def loss_fn(params, inputs, targets):
-        return cross_entropy(model.apply({"params": params}, inputs), targets)
-
-    grad_fn = jax.value_and_grad(loss_fn)
+    grad_fn = jax.value_and_grad(loss_fn(tcfg.model))
 
     def step(state, batch):
         params = state["params"]
@@ -53,12 +54,25 @@ def make_train_step(tcfg: TrainConfig, tx: optax.GradientTransformation, schedul
     return step
 
 
-def make_eval_step(tcfg: TrainConfig):
-    model = Transformer(tcfg.model)
+def make_eval_step(cfg: ModelConfig):
+    """``(params, batch) -> mean loss`` (to be jitted)."""
+    loss = loss_fn(cfg)
 
     def eval_step(params, batch):
-        logits = model.apply({"params": params}, batch["inputs"])
-        return cross_entropy(logits, batch["targets"])
+        return loss(params, batch["inputs"], batch["targets"])
+
+    return eval_step
+
+
+def make_recall_eval_step(cfg: ModelConfig):
+    """``(params, batch) -> {"loss", "correct", "total", "all_correct", "examples"}`` (to be jitted):
+    the loss and the counts behind ``tpa_jax.data.recall.recall_accuracy``."""
+    logits_of = logits_fn(cfg)
+
+    def eval_step(params, batch):
+        logits = logits_of(params, batch["inputs"])
+        return {"loss": cross_entropy(logits, batch["targets"]),
+                **recall_counts(logits, batch["targets"], xp=jnp)}
 
     return eval_step
 
@@ -66,14 +80,7 @@ def make_eval_step(tcfg: TrainConfig):
 def init_state(tcfg: TrainConfig, mesh, tx: optax.GradientTransformation):
     """(state, state shardings): params initialised sharded on ``mesh``; the optimizer moments
     inherit the params' shardings, scalar counters are replicated."""
-    from jax.sharding import NamedSharding, PartitionSpec
-
-    from .. import parallel
-
-    cfg = tcfg.model
-    model = Transformer(cfg)
-    params = parallel.shard_params(model, cfg, mesh, jax.random.key(tcfg.seed),
-                                   jnp.zeros((1, tcfg.data.seq_len), jnp.int32))
+    params = init_params(tcfg.model, jax.random.key(tcfg.seed), mesh)
     replicated = NamedSharding(mesh, PartitionSpec())
     state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": jax.jit(tx.init)(params)}
     shardings = jax.tree_util.tree_map(

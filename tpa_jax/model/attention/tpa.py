@@ -26,7 +26,9 @@ import jax.numpy as jnp
 from ...config import ModelConfig
 from ..layers import cast, param, uniform_init
 from ..rope import apply_rope
+from . import flashtpa
 from .core import attend, output_params, project_out, write_cache
+from .kernels import flashtpa_decode_pallas
 
 
 def _xavier_bound(fan_in: int, fan_out: int) -> float:
@@ -171,8 +173,6 @@ class TPAttention(nn.Module):
     def flash_decode(self, x_B1M, rope, key_rope, cache, lengths_B):
         """One-token decode straight from the factor cache (FlashTPA, paper Alg. 2): K and V are
         never formed.  ``lengths_B`` counts the valid cache rows, the new token's included."""
-        from ...inference import flashtpa  # the inference package imports the model
-
         cfg = self.cfg
         x = cast(x_B1M, cfg)
         s = jax.tree_util.tree_leaves(cache)[0].shape[1]
@@ -184,8 +184,6 @@ class TPAttention(nn.Module):
         else:
             a_q, b_q = self._a(x, "q")[:, 0], self._b(x, "q", rope)[:, 0]
             if cfg.decode_impl == "pallas":
-                from ...inference.kernels import flashtpa_decode_pallas
-
                 o = flashtpa_decode_pallas(a_q, b_q, *kv, q_rank=cfg.q_rank, **kw,
                                            interpret=jax.default_backend() == "cpu")
             else:

@@ -7,7 +7,8 @@ import pytest
 
 from tpa_jax import configs
 from tpa_jax.config import DataConfig, OptimConfig, TrainConfig
-from tpa_jax.data import (RecallSource, RecallTask, check_compatible, eval_batches, evaluate_recall, make_iterator,
+from tpa_jax.eval.recall import evaluate_recall
+from tpa_jax.data import (RecallSource, RecallTask, check_compatible, eval_batches, make_iterator,
                           recall_accuracy, recall_manifest)
 from tpa_jax.data.recall import FILLER_ID
 from tpa_jax.train import train

@@ -15,8 +15,8 @@ import pytest
 from tpa_jax import accounting
 from tpa_jax.eval.cli import main
 from tpa_jax.eval.decode_bench import MECHANISMS, format_table, model_config, plot, run_decode_bench
+from _util import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(d_models=(64,), head_dim=16, batch_sizes=(2,), min_log2=4, max_log2=5, reps=2, warmup=1,
             dtype="float32", param_init="fast", gqa_groups=2)
 BANDWIDTH = 1e10

@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tpa_jax.inference.flashtpa import flashtpa_decode, flashtpa_prefill, materialized_attention
-from tpa_jax.inference.kernels import flashtpa_decode_pallas
+from tpa_jax.model.attention.flashtpa import flashtpa_decode, flashtpa_prefill, materialized_attention
+from tpa_jax.model.attention.kernels import flashtpa_decode_pallas
 
 # (Rq, Rk, Rv, H, D, E): the paper's rank sets, odd head counts, D == E and D != E
 RANKS = {

@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 
 from tpa_jax import accounting, configs
+from _util import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_train_bench_quick():

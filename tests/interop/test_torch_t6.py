@@ -17,8 +17,9 @@ import tpa_jax
 from tpa_jax.config import FLOAT32_EPS
 from tpa_jax.interop import torch_t6
 from tpa_jax.model.rope import inv_frequencies, rope_tables
+from _util import FIXTURES_DIR
 
-FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "official_t6"
+FIXTURES = FIXTURES_DIR / "official_t6"
 
 SHARP = {  # fixture -> official arch
     "T6_sharp": "T6",

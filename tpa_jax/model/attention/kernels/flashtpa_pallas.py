@@ -1,6 +1,6 @@
 """FlashTPA decoding as a Pallas kernel (paper Algorithm 3, generalised to any R_K, R_V).
 
-Same signature and semantics as :func:`tpa_jax.inference.flashtpa.flashtpa_decode`.
+Same signature and semantics as :func:`tpa_jax.model.attention.flashtpa.flashtpa_decode`.
 
 Grid: ``(B, H // head_block)``; one program owns one sequence and a block of heads, holds its
 query factors, and walks that sequence's cache in blocks of ``block_size`` rows (only the blocks

@@ -109,7 +109,7 @@ def test_sharded_cache_matches_unsharded():
     _, params = init_params(cfg)
     mesh = parallel.make_mesh(data=2, fsdp=2, tensor=2)
     cache = init_cache(cfg, 4, 32)
-    sh = parallel.cache_shardings(cfg, cache, mesh)
+    sh = tpa_jax.inference.cache_shardings(cfg, cache, mesh)
     assert sh["layers"]["a_k"].spec == jax.sharding.PartitionSpec(None, ("data", "fsdp"), None, None, "tensor")
     assert sh["layers"]["b_k"].spec == jax.sharding.PartitionSpec(None, ("data", "fsdp"))
     prompts = [[1, 2, 3], [4, 5], [6], [7, 8, 9, 10]]

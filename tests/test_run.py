@@ -11,14 +11,14 @@ import pytest
 
 import tpa_jax
 from tpa_jax import parallel
-from tpa_jax.config import load_train_config
+from tpa_jax.configs import load_train_config
 from tpa_jax.data import prepare_files
 from tpa_jax.data.pipeline import eval_batches
 from tpa_jax.eval.cli import main as eval_main
 from tpa_jax.run import CheckpointError
 from tpa_jax.train import train
+from _util import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")

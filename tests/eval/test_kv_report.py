@@ -10,8 +10,8 @@ import pytest
 from tpa_jax import configs
 from tpa_jax.eval.cli import main
 from tpa_jax.eval.kv_report import GIB, format_table, kv_report, max_context, plot
+from _util import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["t6-small", "t6-kvonly-small", "mha-small", "mqa-small", "gqa-small", "mla-small"]
 
 

@@ -10,13 +10,14 @@ import numpy as np
 import pytest
 
 from tpa_jax import configs
-from tpa_jax.config import DataConfig, MeshConfig, OptimConfig, TrainConfig, load_train_config
+from tpa_jax.config import DataConfig, MeshConfig, OptimConfig, TrainConfig
+from tpa_jax.configs import load_train_config
 from tpa_jax.data import prepare_files
 from tpa_jax.train import CheckpointError, NonFiniteLossError, train
 from tpa_jax.train import checkpoint as ckpt
 from tpa_jax.train.metrics import read_metrics
+from _util import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")

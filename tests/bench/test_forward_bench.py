@@ -6,8 +6,8 @@ import sys
 from pathlib import Path
 
 from tpa_jax import configs
+from _util import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_forward_bench_quick():
