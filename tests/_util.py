@@ -1,13 +1,14 @@
 """Shared helpers for the tests."""
 import dataclasses
+import json
 from pathlib import Path
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tpa_jax import ModelConfig, Transformer
+import tpa_jax
+from tpa_jax import ModelConfig
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository
 FIXTURES_DIR = Path(__file__).resolve().parent / "fixtures"
@@ -42,10 +43,17 @@ def cfg_of(name, **extra):
     return dataclasses.replace(BASE, **{**VARIANTS[name], **extra})
 
 
-def init_params(cfg, seed=0, seq=8, randomize=True):
-    """Unboxed params; zero-initialised output projections get random values so tests can see them."""
-    model = Transformer(cfg)
-    params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(seed), jnp.zeros((1, seq), jnp.int32))["params"])
+def paper_tables() -> dict:
+    """The paper's Tables 9 and 10 and App. H.1 settings (the one copy, typed in from the paper)."""
+    with open(FIXTURES_DIR / "paper_tables.json") as f:
+        return json.load(f)
+
+
+def init_params(cfg, seed=0, randomize=True):
+    """(model, unboxed params) from the model's entry point; zero-initialised output projections
+    get random values so tests can see them."""
+    model = tpa_jax.model.model_of(cfg)
+    params = tpa_jax.init_params(cfg, jax.random.key(seed))
     if randomize:
         leaves, tree = jax.tree_util.tree_flatten(params)
         keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
@@ -60,5 +68,5 @@ def tokens(cfg, batch=2, seq=12, seed=0):
 
 
 def forward(model):
-    """jit-compiled logits function (eager Flax apply is slow)."""
-    return jax.jit(lambda p, t: model.apply({"params": p}, t))
+    """jit-compiled logits function of ``model``'s config (eager Flax apply is slow)."""
+    return jax.jit(tpa_jax.logits_fn(model.cfg))
