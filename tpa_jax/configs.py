@@ -75,10 +75,11 @@ def _build(mechanism: str, size: str, **overrides) -> ModelConfig:
 
 
 def names() -> list[str]:
+    """Every named config: ``{mechanism}-{size}`` for the paper's sizes, then tiny and mini."""
     return [f"{m}-{s}" for s in (*PAPER_SIZES, *TINY_SIZES) for m in MECHANISMS]
 
 
-def get(name: str, **overrides) -> ModelConfig:
+def get(name: str, **overrides: Any) -> ModelConfig:
     """The named config, with optional field overrides (validated)."""
     for mechanism in sorted(MECHANISMS, key=len, reverse=True):
         prefix = mechanism + "-"
@@ -87,16 +88,25 @@ def get(name: str, **overrides) -> ModelConfig:
     raise ValueError(f"unknown model config {name!r}; expected one of {names()}")
 
 
-def family(size: str, **overrides) -> dict[str, ModelConfig]:
+def family(size: str, **overrides: Any) -> dict[str, ModelConfig]:
     """The parameter-matched family of one size: {mechanism name: config}."""
     return {m: get(f"{m}-{size}", **overrides) for m in MECHANISMS}
 
 
-def replace(cfg: ModelConfig, **changes) -> ModelConfig:
+def replace(cfg: ModelConfig, **changes: Any) -> ModelConfig:
+    """``cfg`` with fields changed (re-validated)."""
     return dataclasses.replace(cfg, **changes)
 
 
 # ====================================================================== training configs
+DEFAULT_MODEL = "t6-tiny"  # the model of a training config that names none
+
+# TrainConfig fields holding a group of fields; a dotted override cannot reach inside the others
+_GROUPS = {f.name for f in dataclasses.fields(TrainConfig)
+           if f.name == "model" or dataclasses.is_dataclass(f.default)}
+_SCALARS = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.name not in _GROUPS}
+
+
 def parse_value(text: str) -> Any:
     """A command-line value: JSON when it parses (numbers, booleans, null, lists, dicts), else the
     bare string."""
@@ -115,7 +125,9 @@ def apply_overrides(d: Mapping[str, Any], overrides: Sequence[str]) -> dict:
     """Apply ``a.b.c=value`` overrides (values parsed by :func:`parse_value`) to a nested dict.
 
     A ``model=NAME`` override is applied first, so ``model.n_layer=4 model=mha-tiny`` means mha-tiny
-    with 4 layers; ``model.*`` overrides on a named model edit that config's fields.
+    with 4 layers; ``model.*`` overrides on a named model edit that config's fields (with no model
+    named, those of ``DEFAULT_MODEL``).  A path through a single value (``steps.x=1``) raises a
+    one-line ``ValueError``.
     """
     d = json.loads(json.dumps(dict(d)))
     parsed = []
@@ -128,16 +140,16 @@ def apply_overrides(d: Mapping[str, Any], overrides: Sequence[str]) -> dict:
     for parts, value in parsed:
         node = d
         for p in parts[:-1]:
-            if p == "model" and node is d:
-                node[p] = resolve_model(node.get(p, get(DEFAULT_MODEL).to_dict()))
+            if node is d and p == "model":
+                node[p] = resolve_model(node.get(p, DEFAULT_MODEL))
+            if node is d and p in _SCALARS and not isinstance(node.get(p), dict):
+                held = node.get(p, _SCALARS[p])
+                raise ValueError(f"override {'.'.join(parts)}: {p!r} holds {held!r}, not a group of fields")
             if not isinstance(node.setdefault(p, {}), dict):
                 raise ValueError(f"override {'.'.join(parts)}: {p!r} holds {node[p]!r}, not a group of fields")
             node = node[p]
         node[parts[-1]] = value
     return d
-
-
-DEFAULT_MODEL = "t6-tiny"  # the model of a training config that names none
 
 
 def train_config_from_dict(d: Mapping[str, Any]) -> TrainConfig:
