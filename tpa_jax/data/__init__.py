@@ -1,7 +1,8 @@
-"""Data: embedded corpus, tokenizers, token shards + manifest, Grain pipeline, synthetic recall task."""
+"""Data: the embedded corpus (``corpus``), tokenizers, token shards + manifest (format and reader
+``shards``, ``writer``, ``sources`` preparing them), the Grain pipeline and the synthetic recall task."""
 from .tokenizers import ByteTokenizer, HFTokenizer, TiktokenTokenizer, Tokenizer, load_tokenizer
-from .shards import (check_compatible, default_cache_dir, load_manifest, prepare_embedded, prepare_files,
-                     prepare_hf, read_split, split_tokens, token_dtype)
+from .shards import check_compatible, default_cache_dir, load_manifest, read_split, split_tokens, token_dtype
+from .sources import prepare_embedded, prepare_files, prepare_hf
 from .pipeline import TokenWindows, resolve_manifest, eval_batches, make_dataset, make_iterator, split_batch, to_global
 from .recall import (RecallSource, RecallTask, is_recall_manifest,
                      recall_accuracy, recall_batches, recall_counts, recall_manifest)

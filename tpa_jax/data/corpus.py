@@ -37,6 +37,7 @@ EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "i
 
 
 def stdlib_dir() -> str:
+    """The running interpreter's standard-library directory."""
     return sysconfig.get_paths()["stdlib"]
 
 
@@ -81,6 +82,7 @@ def split_files(files: list[str], val_fraction: float = VAL_FRACTION) -> dict[st
 
 
 def read_text(root: str, rel_path: str) -> str:
+    """A corpus file as text (UTF-8, invalid bytes replaced)."""
     with open(os.path.join(root, rel_path), "rb") as fh:
         return fh.read().decode("utf-8", errors="replace")
 
@@ -109,4 +111,5 @@ def fingerprint(root: Optional[str] = None, files: Optional[list[str]] = None) -
 
 
 def python_tag() -> str:
+    """``py<major><minor>`` of the running interpreter (part of the cache directory name)."""
     return f"py{sys.version_info.major}{sys.version_info.minor}"

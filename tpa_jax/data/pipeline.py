@@ -22,8 +22,8 @@ the same shuffle / repeat / shard / batch chain applies (without the inputs / ta
 Sharding by striding the *shuffled* sequence means that the union of the processes' k-th batches
 is exactly the k-th batch a single process would see: the global batch does not depend on the
 number of processes. The iterator is a ``grain.DatasetIterator``; its ``get_state()`` (a small
-dict) / ``set_state()`` resume at the exact next batch, and Orbax saves it with
-``grain.checkpoint.CheckpointSave``.
+JSON-serialisable dict) / ``set_state()`` resume at the exact next batch; the training loop stores
+that state in each checkpoint's metadata.
 """
 from __future__ import annotations
 
@@ -34,7 +34,8 @@ from typing import Any, Iterator, Optional, Union
 import numpy as np
 
 from .recall import RecallSource, is_recall_manifest, recall_batches, recall_manifest
-from .shards import load_manifest, prepare_embedded, split_tokens
+from .shards import load_manifest, split_tokens
+from .sources import prepare_embedded
 
 __all__ = ["resolve_manifest", "TokenWindows", "make_dataset", "make_iterator", "to_global", "eval_batches", "split_batch"]
 

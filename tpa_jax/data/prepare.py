@@ -15,7 +15,7 @@ import json
 import logging
 import sys
 
-from . import shards
+from . import shards, sources
 
 
 def main(argv=None) -> int:
@@ -39,22 +39,22 @@ def main(argv=None) -> int:
     try:
         if a.source == "embedded":
             kw = {} if a.val_fraction is None else {"val_fraction": a.val_fraction}
-            path = shards.prepare_embedded(a.out, a.tokenizer or "byte", shard_tokens=a.shard_tokens, **kw)
+            path = sources.prepare_embedded(a.out, a.tokenizer or "byte", shard_tokens=a.shard_tokens, **kw)
         elif a.source == "files":
             if not a.files or not a.out:
                 p.error("--source files needs --files and --out")
-            path = shards.prepare_files(a.files, a.out, a.tokenizer or "byte",
-                                        0.01 if a.val_fraction is None else a.val_fraction,
-                                        text_field=a.text_field, shard_tokens=a.shard_tokens,
-                                        max_tokens=a.max_tokens, overwrite=a.overwrite)
+            path = sources.prepare_files(a.files, a.out, a.tokenizer or "byte",
+                                         0.01 if a.val_fraction is None else a.val_fraction,
+                                         text_field=a.text_field, shard_tokens=a.shard_tokens,
+                                         max_tokens=a.max_tokens, overwrite=a.overwrite)
         else:
             dataset = a.dataset if a.source == "hf" else a.source
             if not dataset or not a.out:
                 p.error(f"--source {a.source} needs --out" + (" and --dataset" if a.source == "hf" else ""))
             kw = {} if a.val_fraction is None else {"val_fraction": a.val_fraction}
-            path = shards.prepare_hf(dataset, a.out, name=a.name, split=a.split, tokenizer=a.tokenizer or "gpt2",
-                                     max_tokens=a.max_tokens, text_field=a.text_field,
-                                     shard_tokens=a.shard_tokens, overwrite=a.overwrite, **kw)
+            path = sources.prepare_hf(dataset, a.out, name=a.name, split=a.split, tokenizer=a.tokenizer or "gpt2",
+                                      max_tokens=a.max_tokens, text_field=a.text_field,
+                                      shard_tokens=a.shard_tokens, overwrite=a.overwrite, **kw)
     except (ValueError, FileNotFoundError, RuntimeError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
