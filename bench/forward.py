@@ -8,7 +8,8 @@ All mechanisms share d_model, layers, head_dim and vocabulary (``tpa_jax.configs
 with the family's head counts, which are chosen so that one attention layer's parameters are
 closest to MHA's (Table 10's rule).  The JSON reports each mechanism's attention parameters and
 their ratio to MHA's so the match is checked on every run; ``--heads matched`` re-chooses the
-head counts here by counting the built parameters (independent of the configs table).
+head counts here from ``tpa_jax.accounting``'s parameter counts (independent of the configs table).
+The step is ``value_and_grad`` of the model entry point's ``loss_fn(cfg)`` and a plain SGD update.
 
 Steps of all mechanisms are timed interleaved (round robin, rotating order) in one process after
 one compile and ``--warmup`` untimed steps each, so machine-load drift hits every mechanism alike.
@@ -20,61 +21,29 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
-import platform
 import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from tpa_jax.eval.bench_timing import compile_timed, environment, time_interleaved, use_smoke_xla_flags  # noqa: E402
+
 if "--quick" in sys.argv[1:]:
-    # Smoke run: compile time dominates, so let LLVM skip its optimisation passes (~2x faster
-    # compiles on CPU).  Must be set before jax creates its backend; never used for real numbers.
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
+    use_smoke_xla_flags()  # before the first array creates the backend
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 
-import tpa_jax  # noqa: E402
-from tpa_jax import configs  # noqa: E402
+from tpa_jax import accounting, configs, loss_fn  # noqa: E402
+from tpa_jax.eval.bench_weights import bench_params  # noqa: E402
 
 BASELINE = "mha"
 
 
-def _unbox(tree):
-    import flax.linen as nn
-
-    box = lambda x: isinstance(x, nn.LogicallyPartitioned)  # noqa: E731
-    return jax.tree.map(lambda b: b.value if box(b) else b, tree, is_leaf=box)
-
-
-def _count(tree) -> int:
-    return int(sum(math.prod(x.shape) for x in jax.tree.leaves(tree)))
-
-
 def param_counts(cfg) -> tuple[int, int]:
     """(attention parameters of one layer incl. W_O, all model parameters)."""
-    try:  # the project's closed-form accounting, once it exists
-        from tpa_jax import accounting
-
-        return int(accounting.attention_params(cfg)), int(accounting.model_params(cfg))
-    except (ImportError, AttributeError):
-        pass
-    abstract = jax.eval_shape(tpa_jax.Transformer(cfg).init, jax.random.key(0), jnp.zeros((1, 2), jnp.int32))
-    params = _unbox(abstract)["params"]
-    return _count(params["blocks"]["attn"]) // cfg.n_layer, _count(params)
-
-
-def flops_per_token(cfg, seq_len: int):
-    """Training FLOPs per token from tpa_jax.accounting (None while it does not exist)."""
-    try:
-        from tpa_jax import accounting
-
-        return float(accounting.flops_per_token(cfg, seq_len, training=True))
-    except (ImportError, AttributeError, TypeError):
-        return None
+    return int(accounting.attention_params(cfg)), int(accounting.model_params(cfg))
 
 
 def matched_family(size: str, **overrides) -> dict:
@@ -99,25 +68,14 @@ def matched_family(size: str, **overrides) -> dict:
     return out
 
 
-def init_params(model, tokens, host_random: bool):
-    """The model's own init (jitted), or, for smoke runs, N(0, 0.02^2) host arrays of the same
-    shapes (threefry draws are the slowest thing XLA:CPU compiles; values do not change speed)."""
-    if not host_random:
-        return jax.jit(lambda k: _unbox(model.init(k, tokens)["params"]))(jax.random.key(0))
-    abstract = _unbox(jax.eval_shape(model.init, jax.random.key(0), tokens)["params"])
-    rng = np.random.default_rng(0)
-    return jax.tree.map(lambda x: jnp.asarray((0.02 * rng.standard_normal(x.shape)).astype(x.dtype)), abstract)
-
-
-def make_step(model):
-    def loss_fn(params, tokens):
-        logits = model.apply({"params": params}, tokens[:, :-1])
-        return tpa_jax.cross_entropy(logits, tokens[:, 1:])
+def make_step(cfg):
+    """jitted ``(params, tokens [B, T+1]) -> (params after one SGD step, loss)``."""
+    loss = loss_fn(cfg)
 
     @jax.jit
     def step(params, tokens):
-        loss, grads = jax.value_and_grad(loss_fn)(params, tokens)
-        return jax.tree.map(lambda p, g: p - 1e-3 * g, params, grads), loss
+        value, grads = jax.value_and_grad(loss)(params, tokens[:, :-1], tokens[:, 1:])
+        return jax.tree.map(lambda p, g: p - 1e-3 * g, params, grads), value
 
     return step
 
@@ -134,7 +92,7 @@ def main(argv=None) -> dict:
                     help="config: the family's head counts; matched: re-chosen here to match MHA's attention params")
     ap.add_argument("--mechanisms", default=None, help="comma-separated subset (default: all; mha always runs)")
     ap.add_argument("--quick", action="store_true",
-                    help="smoke run: tiny family, batch 2 x 32, 2 reps, unoptimised XLA, random params "
+                    help="smoke run: tiny family, batch 2 x 32, 2 reps, unoptimised XLA, pseudo-random params "
                          "(not a measurement)")
     args = ap.parse_args(argv)
     if args.quick:
@@ -159,46 +117,39 @@ def main(argv=None) -> dict:
                                 dtype=jnp.int32)
     state, results = {}, {}
     for name, cfg in family.items():
-        model = tpa_jax.Transformer(cfg)
-        params = init_params(model, tokens[:, :-1], host_random=args.quick)
-        step = make_step(model)
-        t0 = time.perf_counter()
-        compiled = step.lower(params, tokens).compile()
-        compile_s = time.perf_counter() - t0
+        params = bench_params(cfg, "fast" if args.quick else "model")
+        compiled, compile_s = compile_timed(make_step(cfg), params, tokens)
         for _ in range(args.warmup):
             params, loss = compiled(params, tokens)
         jax.block_until_ready(params)
         attn_p, model_p = param_counts(cfg)
-        state[name] = dict(step=compiled, params=params, times=[], cpu=[])
+        state[name] = dict(step=compiled, params=params)
         results[name] = dict(n_head=cfg.n_head, attention_params_per_layer=attn_p, model_params=model_p,
-                             train_flops_per_token=flops_per_token(cfg, args.seq_len), compile_s=round(compile_s, 3))
+                             train_flops_per_token=float(accounting.flops_per_token(cfg, args.seq_len, training=True)),
+                             compile_s=round(compile_s, 3))
+
+    def stepper(s):
+        def call():
+            s["params"], s["loss"] = s["step"](s["params"], tokens)
+            return s["params"], s["loss"]
+        return call
 
     names = list(family)
-    for r in range(args.reps):
-        order = names[r % len(names):] + names[:r % len(names)]
-        for name in order:
-            s = state[name]
-            t0, c0 = time.perf_counter(), time.process_time()
-            s["params"], loss = s["step"](s["params"], tokens)
-            jax.block_until_ready((s["params"], loss))
-            s["times"].append(time.perf_counter() - t0)
-            s["cpu"].append(time.process_time() - c0)
-            s["loss"] = float(loss)
+    times = time_interleaved({name: stepper(state[name]) for name in names}, args.reps)
 
     n_tok = args.batch * args.seq_len
     for name in names:
-        times = state[name]["times"]
-        med = statistics.median(times)
-        results[name].update(median_s=round(med, 9), min_s=round(min(times), 9),
-                             cpu_median_s=round(statistics.median(state[name]["cpu"]), 9),
-                             tokens_per_s=round(n_tok / med, 1), final_loss=round(state[name]["loss"], 4))
+        wall, cpu = times[name]["wall"], times[name]["cpu"]
+        med = statistics.median(wall)
+        results[name].update(median_s=round(med, 9), min_s=round(min(wall), 9),
+                             cpu_median_s=round(statistics.median(cpu), 9),
+                             tokens_per_s=round(n_tok / med, 1), final_loss=round(float(state[name]["loss"]), 4))
     for name in names:
         r = results[name]
         r["attention_params_vs_mha"] = round(r["attention_params_per_layer"]
                                              / results[BASELINE]["attention_params_per_layer"], 4)
-        if r["train_flops_per_token"] and results[BASELINE]["train_flops_per_token"]:
-            # the ratio a purely FLOP-bound implementation would reach
-            r["flops_ratio_to_mha"] = round(results[BASELINE]["train_flops_per_token"] / r["train_flops_per_token"], 4)
+        # the ratio a purely FLOP-bound implementation would reach
+        r["flops_ratio_to_mha"] = round(results[BASELINE]["train_flops_per_token"] / r["train_flops_per_token"], 4)
     base = results[BASELINE]["tokens_per_s"]
     ratios = {name: round(results[name]["tokens_per_s"] / base, 4) for name in names}
     # the same ratio from this process's CPU time: less sensitive to other load on a shared machine
@@ -208,6 +159,7 @@ def main(argv=None) -> dict:
         results[name]["ratio_to_mha"] = ratios[name]
         results[name]["ratio_to_mha_cpu_time"] = cpu_ratios[name]
 
+    env = environment()
     out = {
         "benchmark": "train_step_forward_backward",
         "config": {
@@ -215,8 +167,7 @@ def main(argv=None) -> dict:
             "tokens_per_step": n_tok, "reps": args.reps, "warmup": args.warmup, "compute_dtype": args.dtype,
             "d_model": family[BASELINE].d_model, "n_layer": family[BASELINE].n_layer,
             "head_dim": family[BASELINE].head_dim, "vocab_size": family[BASELINE].vocab_size,
-            "backend": jax.default_backend(), "devices": jax.device_count(), "cpu_count": os.cpu_count(),
-            "jax": jax.__version__, "python": platform.python_version(), "quick": args.quick,
+            "devices": env.pop("device_count"), **env, "quick": args.quick,
         },
         "baseline": BASELINE,
         "results": results,

@@ -29,83 +29,33 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import importlib
 import json
 import os
-import platform
 import statistics
 import sys
 import time
-import types
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from tpa_jax.eval.bench_timing import environment, time_interleaved, use_smoke_xla_flags  # noqa: E402
 
-def _cpu_only() -> bool:
-    """True when jax can only use the CPU here (JAX_PLATFORMS=cpu, or no GPU/TPU plugin installed)."""
-    import importlib.util
-
-    platforms = os.environ.get("JAX_PLATFORMS", "")
-    if platforms:
-        return platforms.split(",")[0].strip() == "cpu"
-    plugins = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin", "jax_rocm7_plugin", "libtpu")
-    return all(importlib.util.find_spec(p) is None for p in plugins)
-
-
-if "--quick" in sys.argv[1:] and _cpu_only():
-    # Smoke run: compile time dominates, so let XLA:CPU skip LLVM's optimisation passes and its
-    # fusion emitters (~3x faster compiles).  Must be set before jax creates its backend; CPU-only
-    # flags, so not set where an accelerator may be used; never used for real numbers.
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                               + " --xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false").strip()
+if "--quick" in sys.argv[1:]:
+    use_smoke_xla_flags()  # before the first array creates the backend
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 
-import tpa_jax  # noqa: E402
 from tpa_jax import accounting, configs, parallel  # noqa: E402
 from tpa_jax.config import REMAT_POLICIES, DataConfig, MeshConfig, OptimConfig, TrainConfig  # noqa: E402
-
-
-def _train_modules():
-    """tpa_jax.train.{step, optimizer, metrics}.
-
-    The package ``tpa_jax/train/__init__.py`` imports ``loop.py`` (-> ``tpa_jax.data``) and
-    ``checkpoint.py`` (-> orbax).  Neither is needed here; if importing the package fails because
-    one of them is missing on this machine, the three leaf modules (which only need jax, flax,
-    optax and the model) are loaded under a bare package object instead.
-    """
-    names = ("step", "optimizer", "metrics")
-    try:
-        return [importlib.import_module(f"tpa_jax.train.{n}") for n in names]
-    except ImportError as e:
-        print(f"bench/train.py: importing tpa_jax.train failed ({e}); loading its step/optimizer/metrics "
-              "modules directly", file=sys.stderr)
-        for key in [k for k in sys.modules if k == "tpa_jax.train" or k.startswith("tpa_jax.train.")]:
-            del sys.modules[key]
-        pkg = types.ModuleType("tpa_jax.train")
-        pkg.__path__ = [os.path.join(os.path.dirname(tpa_jax.__file__), "train")]
-        sys.modules["tpa_jax.train"] = pkg
-        return [importlib.import_module(f"tpa_jax.train.{n}") for n in names]
-
-
-train_step_mod, optimizer_mod, metrics_mod = _train_modules()
+from tpa_jax.train import metrics as metrics_mod  # noqa: E402
+from tpa_jax.train import optimizer as optimizer_mod  # noqa: E402
+from tpa_jax.train import step as train_step_mod  # noqa: E402
 
 BASELINE = "mha"
 # defaults per backend (CPU: sized for a few minutes on 2 cores, compiles included)
 CPU_DEFAULTS = dict(size="mini", batch=8, seq_len=256, reps=6, warmup=1, dtype="float32")
 ACCEL_DEFAULTS = dict(size="small", batch=16, seq_len=1024, reps=20, warmup=3, dtype="bfloat16")
-
-
-def _jaxlib_version():
-    try:
-        import jaxlib
-
-        return getattr(jaxlib, "__version__", None)
-    except ImportError:
-        return None
 
 
 def build(tcfg: TrainConfig, mesh, tokens):
@@ -138,6 +88,16 @@ def build_all(tcfgs: dict, mesh, tokens, workers: int) -> dict:
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
         futures = {name: pool.submit(one, tcfg) for name, tcfg in tcfgs.items()}
         return {name: f.result() for name, f in futures.items()}
+
+
+def _stepper(s: dict):
+    """One timed train step of a mechanism's state ``s`` (keeps the first step's metrics)."""
+    def call():
+        s["state"], s["metrics"] = s["step"](s["state"], s["batch"])
+        if s["first_metrics"] is None:
+            s["first_metrics"] = s["metrics"]
+        return s["state"], s["metrics"]
+    return call
 
 
 def parse_args(argv):
@@ -215,7 +175,7 @@ def main(argv=None) -> dict:
                 st, m = compiled(st, batch)
                 first_loss = first_loss if first_loss is not None else m["loss"]
             jax.block_until_ready(st)
-            state[name] = dict(step=compiled, state=st, batch=batch, times=[], cpu=[])
+            state[name] = dict(step=compiled, state=st, batch=batch, first_metrics=None)
             results[name] = dict(
                 attention=cfg.attention, n_head=cfg.n_head, model_params=int(accounting.model_params(cfg)),
                 attention_params_per_layer=int(accounting.attention_params(cfg)),
@@ -225,28 +185,20 @@ def main(argv=None) -> dict:
 
         phase["warm"] = time.perf_counter()
         names = list(family)
-        for r in range(args.reps):
-            order = names[r % len(names):] + names[:r % len(names)]
-            for name in order:
-                s = state[name]
-                t0, c0 = time.perf_counter(), time.process_time()
-                s["state"], m = s["step"](s["state"], s["batch"])
-                jax.block_until_ready((s["state"], m))
-                s["times"].append(time.perf_counter() - t0)
-                s["cpu"].append(time.process_time() - c0)
-                s["metrics"] = m
-                if results[name]["first_loss"] is None:
-                    results[name]["first_loss"] = round(float(m["loss"]), 4)
+        times = time_interleaved({name: _stepper(state[name]) for name in names}, args.reps)
+        for name in names:
+            if results[name]["first_loss"] is None:  # no warmup: the first timed step's loss
+                results[name]["first_loss"] = round(float(state[name]["first_metrics"]["loss"]), 4)
 
     phase["timed"] = time.perf_counter()
     n_tok = args.batch * args.seq_len
     for name in names:
-        s, r = state[name], results[name]
-        med = statistics.median(s["times"])
+        s, r, wall = state[name], results[name], times[name]["wall"]
+        med = statistics.median(wall)
         tps = n_tok / med
         m = jax.device_get(s["metrics"])
-        r.update(median_s=round(med, 9), min_s=round(min(s["times"]), 9),
-                 cpu_median_s=round(statistics.median(s["cpu"]), 9), tokens_per_s=round(tps, 1),
+        r.update(median_s=round(med, 9), min_s=round(min(wall), 9),
+                 cpu_median_s=round(statistics.median(times[name]["cpu"]), 9), tokens_per_s=round(tps, 1),
                  mfu=round(tps * r["train_flops_per_token"] / (peak * n_chips), 5) if peak else None,
                  final_loss=round(float(m["loss"]), 4), final_grad_norm=round(float(m["grad_norm"]), 4),
                  finite=bool(m["finite"]))
@@ -258,21 +210,21 @@ def main(argv=None) -> dict:
         results[name]["ratio_to_mha"] = ratios[name]
         results[name]["ratio_to_mha_cpu_time"] = cpu_ratios[name]
 
-    dev = jax.devices()[0]
+    env = environment()
     b = family[BASELINE]
     out = {
         "benchmark": "train_step_adamw_sharded",
         "config": {
             "size": args.size, "batch": args.batch, "seq_len": args.seq_len, "tokens_per_step": n_tok,
             "reps": args.reps, "warmup": args.warmup, "compute_dtype": args.dtype, "param_dtype": b.param_dtype,
-            "remat_policy": args.remat, "accum_steps": args.accum, "build_jobs": args.jobs or min(len(names), os.cpu_count() or 1), "phase_s": {
-                "build": round(phase["built"] - phase["start"], 3), "warmup": round(phase["warm"] - phase["built"], 3),
-                "timed": round(phase["timed"] - phase["warm"], 3)},
+            "remat_policy": args.remat, "accum_steps": args.accum,
+            "build_jobs": args.jobs or min(len(names), os.cpu_count() or 1),
+            "phase_s": {"build": round(phase["built"] - phase["start"], 3),
+                        "warmup": round(phase["warm"] - phase["built"], 3),
+                        "timed": round(phase["timed"] - phase["warm"], 3)},
             "d_model": b.d_model, "n_layer": b.n_layer, "head_dim": b.head_dim, "vocab_size": b.vocab_size,
-            "mesh": dict(mesh.shape), "backend": jax.default_backend(), "device_kind": dev.device_kind,
-            "devices": jax.device_count(), "mesh_devices": n_chips, "peak_flops_per_device": peak,
-            "cpu_count": os.cpu_count(), "jax": jax.__version__, "jaxlib": _jaxlib_version(),
-            "python": platform.python_version(), "quick": args.quick,
+            "mesh": dict(mesh.shape), "devices": env.pop("device_count"), **env, "mesh_devices": n_chips,
+            "peak_flops_per_device": peak, "quick": args.quick,
         },
         "baseline": BASELINE,
         "results": results,

@@ -1,16 +1,19 @@
 """bench/train.py --quick (the real AdamW train step on a mesh, every mechanism) prints one JSON
 object with tokens/s, a ratio to MHA and parameter counts for every mechanism."""
 import json
+import math
 import os
 import subprocess
 import sys
-from pathlib import Path
+
+import pytest
 
 from tpa_jax import accounting, configs
+from test_forward_bench import built_counts
 from _util import ROOT
 
 
-
+@pytest.mark.slow
 def test_train_bench_quick():
     env = dict(os.environ)
     env.pop("XLA_FLAGS", None)  # one CPU device, as the benchmark is meant to run on CPU
@@ -21,7 +24,7 @@ def test_train_bench_quick():
     out = json.loads(proc.stdout)  # exactly one JSON object on stdout
     mechanisms = set(configs.MECHANISMS)
     assert set(out["results"]) == set(out["ratio_to_mha"]) == mechanisms
-    assert out["baseline"] == "mha" and out["ratio_to_mha"]["mha"] == 1.0
+    assert out["baseline"] == "mha"
     cfg = out["config"]
     assert cfg["quick"] and cfg["backend"] == "cpu" and cfg["tokens_per_step"] == cfg["batch"] * cfg["seq_len"]
     assert cfg["jax"] and cfg["device_kind"] and cfg["mesh_devices"] == 1
@@ -30,8 +33,8 @@ def test_train_bench_quick():
         assert r["tokens_per_s"] > 0 and r["median_s"] > 0
         assert abs(r["tokens_per_s"] * r["median_s"] - cfg["tokens_per_step"]) <= 1e-3 * cfg["tokens_per_step"]
         assert r["ratio_to_mha"] == out["ratio_to_mha"][name] > 0
-        assert r["model_params"] == accounting.model_params(c) > 0
+        assert (r["attention_params_per_layer"], r["model_params"]) == built_counts(c)
         assert r["train_flops_per_token"] == accounting.flops_per_token(c, cfg["seq_len"], training=True) > 0
         assert r["mfu"] is None  # peak FLOP/s unknown on CPU
-        assert r["finite"] and r["final_loss"] == r["final_loss"]  # not NaN
+        assert r["finite"] and math.isfinite(r["final_loss"])
         assert r["final_loss"] < r["first_loss"]  # AdamW updates on the fixed batch lower the loss

@@ -1,4 +1,5 @@
-"""Decode benchmark (paper Fig. 5): result structure, ratios, cache bytes, memory cap, plot, CLI, bench script.
+"""Decode benchmark (paper Fig. 5): result structure, ratios, cache bytes, memory cap, pallas
+scope, table and plot, the eval.py decode-bench command and bench/decode.py.
 
 Every run is tiny (d_model 64, d_h 16, contexts 2^4..2^5, float32, 2 reps) and, except one, uses
 the fast pseudo-random weight fill; runs share shapes so the persistent compilation cache serves them.
@@ -12,7 +13,6 @@ import sys
 
 import pytest
 
-from tpa_jax import accounting
 from tpa_jax.eval.cli import main
 from tpa_jax.eval.decode_bench import MECHANISMS, format_table, model_config, plot, run_decode_bench
 from _util import ROOT
@@ -33,6 +33,20 @@ def numbers_per_token(mechanism, h, d, groups, mla_kv, mla_rope, ranks):
             "tpa": (ranks[1] + ranks[2]) * (h + d)}[mechanism]
 
 
+def param_count(mechanism, m=64, h=4, d=16, groups=2, vocab=256, mlp=8, ranks=(16, 1, 1)):
+    """Parameters of the one-layer benchmark model (no norm weights), written out per mechanism:
+    tied embedding V M, SwiGLU 3 M I, attention with W_O = h d M; MLA (d'_c, d_c, d^R) = (24, 8, 8)
+    with its two latent norm gains."""
+    attn = {"mha": 3 * m * h * d, "mqa": m * h * d + 2 * m * d, "gqa": m * h * d + 2 * m * groups * d,
+            "tpa": sum(r * m * (h + d) for r in ranks)}
+    if mechanism == "mla":
+        qc, kvc, rope = 24, 8, 8
+        attn["mla"] = (m * qc + qc + qc * h * (d + rope)       # W_DQ, its norm, W_UQ (nope + rope parts)
+                       + m * (kvc + rope) + kvc               # W_DKV with the shared rope key, its norm
+                       + kvc * h * (d + d))                   # W_UK, W_UV
+    return vocab * m + 3 * m * mlp + attn[mechanism] + h * d * m
+
+
 def test_structure(result):
     result = json.loads(json.dumps(result))  # JSON-ready
     assert result["benchmark"] == "decode_per_token"
@@ -49,7 +63,7 @@ def test_structure(result):
         assert e["per_token_amortized_s"] == pytest.approx(e["per_token_s"] / 2, rel=1e-12)
         assert e["cache_gb_per_s"] == pytest.approx(e["cache_bytes"] / e["per_token_s"] / 1e9, rel=1e-12)
         assert e["memory_bound_s"] == pytest.approx(e["cache_bytes"] / BANDWIDTH, rel=1e-12)
-        assert e["param_bytes"] > 0 and e["compile_s"] > 0
+        assert e["param_bytes"] == 4 * param_count(e["mechanism"]) and e["compile_s"] > 0
     assert [(r["context"], sorted(r["time"])) for r in result["ratios"]] == \
         [(s, ["tpa/gqa", "tpa/mha", "tpa/mla", "tpa/mqa"]) for s in (16, 32)]
 
@@ -74,7 +88,7 @@ def test_cache_bytes_match_the_formula(result):
         assert e["cache_bytes_per_token"] == n * 1 * 4
         assert e["cache_bytes"] == n * 4 * e["context"] * e["batch"]
         mc = model_config(e["mechanism"], 64, head_dim=16, dtype="float32", gqa_groups=2, max_seq_len=32)
-        assert e["cache_bytes"] == accounting.kv_cache_per_token(mc) * 4 * e["context"] * e["batch"]
+        assert (mc.n_head, mc.head_dim, mc.d_model) == (4, 16, 64)
     # the TPA cache is (R_K + R_V)(h + d_h) = 40 numbers vs MHA's 2 h d_h = 128
     r = result["ratios"][0]["cache_bytes"]
     assert r["tpa/mha"] == 40 / 128 and r["tpa/mqa"] == 40 / 32 and r["tpa/mla"] == 40 / 16
@@ -169,6 +183,23 @@ def test_cli_bad_input_is_one_line_exit_2(argv, tmp_path, capsys):
     assert not (tmp_path / "db").exists()
 
 
+def test_pallas_times_tpa_alone(tmp_path, capsys):
+    """The Pallas decode kernel covers TPA only: other mechanisms with it are refused up front, and
+    with no mechanisms named it times TPA alone."""
+    with pytest.raises(ValueError, match="pallas.*covers only.*'mha'"):
+        run_decode_bench(**{**TINY, "mechanisms": ("mha", "tpa")}, decode_impl="pallas")
+    assert main(["decode-bench", *CLI_TINY, "--decode-impl", "pallas", "--mechanism", "tpa", "gqa",
+                 "--out", str(tmp_path / "refused")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "pallas" in err[0] and "gqa" in err[0]
+    assert not (tmp_path / "refused").exists()
+    res = run_decode_bench(**{**TINY, "max_log2": 4}, decode_impl="pallas")
+    assert res["config"]["mechanisms"] == ["tpa"] and res["config"]["decode_impl"] == "pallas"
+    assert [e["mechanism"] for e in res["entries"]] == ["tpa"]
+    assert res["ratios"][0] == dict(d_model=64, batch=2, context=16, time={}, cache_bytes={})
+
+
+@pytest.mark.slow
 def test_bench_script_prints_one_json_object(tmp_path):
     env = dict(os.environ, JAX_PLATFORMS="cpu")  # conftest's flags and compilation cache: shapes seen before
     cmd = [sys.executable, os.path.join(ROOT, "bench", "decode.py"), *CLI_TINY, "--mechanism", "mha", "tpa",

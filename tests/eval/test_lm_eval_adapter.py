@@ -180,15 +180,6 @@ def test_loglikelihood_rolling_windows(env):
     assert no_prefix.loglikelihood_rolling([("",), ("x",)]) == [0.0, 0.0]
 
 
-def test_rolling_windows_partition():
-    toks = list(range(34))
-    wins = lm_eval_adapter.rolling_windows(toks, -1, 10)
-    assert [t for _, tgt in wins for t in tgt] == toks
-    assert wins[0][0] == [-1] + toks[:9]
-    assert wins[-1] == (toks[23:33], toks[30:34])
-    assert all(len(inp) <= 10 and len(tgt) <= len(inp) for inp, tgt in wins)
-
-
 # ----------------------------------------------------------------------------- generation
 class Generation(NamedTuple):
     tokens: np.ndarray

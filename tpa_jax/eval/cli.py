@@ -1,12 +1,15 @@
 """Command line of ``eval.py``: one sub-command per evaluation.
 
     python eval.py kv-report                                # the paper's small family, 80 GiB, bf16
-    python eval.py kv-report --family medium --memory-gb 40 --batch 8
     python eval.py kv-report --config t6-small --config mha-small --out runs/eval
+    python eval.py perplexity --checkpoint runs/t6-tiny     # loss / perplexity on held-out shards
+    python eval.py generate --checkpoint runs/t6-tiny --prompt "def "
+    python eval.py decode-bench --max-log2 15               # per-token decode time (paper Fig. 5)
 
 Each sub-command is registered by an ``_add_<name>(subparsers)`` function that sets its handler
 with ``set_defaults(func=...)``; a handler takes the parsed arguments and returns the exit code.
-Bad input prints one ``error: ...`` line on stderr and exits with code 2.
+Bad input prints one ``error: ...`` line on stderr and exits with code 2.  The decode benchmark's
+options (:func:`add_decode_bench_arguments`) are shared with ``bench/decode.py``.
 """
 from __future__ import annotations
 
@@ -14,6 +17,9 @@ import argparse
 import json
 import os
 import sys
+from typing import Optional
+
+from ..config import DECODE_IMPLS, DTYPES
 
 DEFAULT_FAMILY = "small"
 SIZES = ("small", "medium", "large", "xl", "tiny", "mini")
@@ -191,28 +197,26 @@ def _run_generate(args) -> int:
 
 
 # ------------------------------------------------------------------------------------ decode-bench
-def _add_decode_bench(sub) -> None:
-    mechanisms = ("mha", "mqa", "gqa", "mla", "tpa")  # tpa_jax.eval.decode_bench.MECHANISMS (no jax import here)
-    p = sub.add_parser(
-        "decode-bench", help="per-token decode time vs context length of every mechanism (paper Fig. 5)",
-        description="Times the model's jitted one-token decode step against a full cache at contexts "
-                    "2**min-log2 .. 2**max-log2 (d_h, TPA ranks (16,1,1), GQA 4 groups as in Fig. 5) and "
-                    "reports ms per token per mechanism and TPA's time ratios to the others.")
+def add_decode_bench_arguments(p: argparse.ArgumentParser, out_default: Optional[str]) -> None:
+    """The decode benchmark's options (shared by ``eval.py decode-bench`` and ``bench/decode.py``)."""
+    from .decode_bench import MECHANISMS, PALLAS_MECHANISMS
+
     p.add_argument("--d-model", type=_positive_int, nargs="+", default=[1024, 2048], metavar="M",
                    help="embedding dimensions (default 1024 2048); heads = d_model / head_dim")
     p.add_argument("--batch", type=_positive_int, nargs="+", default=[1, 4], metavar="B",
                    help="batch sizes (default 1 4)")
     p.add_argument("--min-log2", type=int, default=10, help="shortest context 2**N (default 10)")
     p.add_argument("--max-log2", type=int, default=15, help="longest context 2**N (default 15)")
-    p.add_argument("--mechanism", nargs="+", choices=mechanisms, default=list(mechanisms),
-                   help="mechanisms to time (default: all five)")
+    p.add_argument("--mechanism", nargs="+", choices=MECHANISMS, default=None,
+                   help=f"mechanisms to time (default: all five; {', '.join(PALLAS_MECHANISMS)} only with "
+                        "--decode-impl pallas, the only one its kernel covers)")
     p.add_argument("--head-dim", type=_positive_int, default=64, help="d_h of every mechanism (default 64)")
     p.add_argument("--n-layer", type=_positive_int, default=1, help="layers of the timed model (default 1)")
-    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+    p.add_argument("--dtype", default="auto", choices=("auto",) + DTYPES,
                    help="compute, weight and cache dtype (default auto: float32 on CPU, bfloat16 elsewhere)")
     p.add_argument("--reps", type=_positive_int, default=10, help="timed steps per point and mechanism")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling (default 2)")
-    p.add_argument("--decode-impl", default="flash", choices=("flash", "pallas", "materialize"),
+    p.add_argument("--decode-impl", default="flash", choices=DECODE_IMPLS,
                    help="ModelConfig.decode_impl (default flash)")
     p.add_argument("--bandwidth", type=_positive_float, default=None,
                    help="memory bandwidth in bytes/s (e.g. 4.8e12): adds the memory-bound time per point")
@@ -221,30 +225,56 @@ def _add_decode_bench(sub) -> None:
     p.add_argument("--param-init", default="model", choices=("model", "fast"),
                    help="model: the model's init; fast: pseudo-random weights of the same shapes")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
-    p.add_argument("--out", default=os.path.join("runs", "decode_bench"),
-                   help="output directory for decode_bench.json and decode_bench.png (default runs/decode_bench)")
-    p.set_defaults(func=_run_decode_bench)
+    p.add_argument("--out", default=out_default,
+                   help="output directory for decode_bench.json and decode_bench.png"
+                        + (f" (default {out_default})" if out_default else ""))
 
 
-def _run_decode_bench(args) -> int:
-    from .decode_bench import format_table, plot, run_decode_bench
+def run_decode_bench_args(args: argparse.Namespace) -> dict:
+    """``run_decode_bench`` with the options of :func:`add_decode_bench_arguments`."""
+    from .decode_bench import run_decode_bench
 
     if args.min_log2 > args.max_log2:
         raise UsageError(f"--min-log2 {args.min_log2} is larger than --max-log2 {args.max_log2}")
-    result = run_decode_bench(
+    return run_decode_bench(
         d_models=args.d_model, batch_sizes=args.batch, min_log2=args.min_log2, max_log2=args.max_log2,
         mechanisms=args.mechanism, n_layer=args.n_layer, head_dim=args.head_dim, dtype=args.dtype, reps=args.reps,
         warmup=args.warmup, decode_impl=args.decode_impl, bandwidth=args.bandwidth,
         memory_cap_gb=args.memory_cap_gb, param_init=args.param_init, progress=not args.quiet)
-    print(format_table(result))
-    os.makedirs(args.out, exist_ok=True)
-    json_path = os.path.join(args.out, "decode_bench.json")
-    png_path = os.path.join(args.out, "decode_bench.png")
+
+
+def write_decode_bench(result: dict, out: str) -> tuple[str, Optional[str]]:
+    """``decode_bench.json`` and, when anything was measured, ``decode_bench.png`` in ``out``;
+    returns their paths (the figure's None when every point was skipped)."""
+    from .decode_report import plot
+
+    os.makedirs(out, exist_ok=True)
+    json_path = os.path.join(out, "decode_bench.json")
     with open(json_path, "w") as f:
         json.dump(result, f, indent=1)
         f.write("\n")
-    if result["entries"]:
-        plot(result, png_path)
+    if not result["entries"]:
+        return json_path, None
+    return json_path, plot(result, os.path.join(out, "decode_bench.png"))
+
+
+def _add_decode_bench(sub) -> None:
+    p = sub.add_parser(
+        "decode-bench", help="per-token decode time vs context length of every mechanism (paper Fig. 5)",
+        description="Times the model's jitted one-token decode step against a full cache at contexts "
+                    "2**min-log2 .. 2**max-log2 (d_h, TPA ranks (16,1,1), GQA 4 groups as in Fig. 5) and "
+                    "reports ms per token per mechanism and TPA's time ratios to the others.")
+    add_decode_bench_arguments(p, os.path.join("runs", "decode_bench"))
+    p.set_defaults(func=_run_decode_bench)
+
+
+def _run_decode_bench(args) -> int:
+    from .decode_report import format_table
+
+    result = run_decode_bench_args(args)
+    print(format_table(result))
+    json_path, png_path = write_decode_bench(result, args.out)
+    if png_path:
         print(f"\nwrote {json_path} and {png_path}")
     else:
         print(f"\nwrote {json_path} (every point skipped: no plot)")

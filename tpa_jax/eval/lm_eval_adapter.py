@@ -14,8 +14,9 @@ or from Python, with a model already in memory::
     lm_eval.simple_evaluate(model=TPAJaxLM(run), tasks=["hellaswag"])
 
 Without the harness the module still imports: ``TPAJaxLM`` then derives from a small stand-in base
-and its three request methods take plain tuples (``(context, continuation)``, ``(text,)``,
-``(context, gen_kwargs)``) as well as harness ``Instance`` objects.
+(``tpa_jax.eval.lm_eval_base``) and its three request methods take plain tuples
+(``(context, continuation)``, ``(text,)``, ``(context, gen_kwargs)``) as well as harness
+``Instance`` objects.
 
 Conventions (those of the harness's Hugging Face model unless stated):
 
@@ -35,10 +36,9 @@ Conventions (those of the harness's Hugging Face model unless stated):
 * **Rolling windows**: the text is split into disjoint prediction blocks of ``max_length`` tokens;
   every block after the first is conditioned on the ``max_length`` tokens before its last target,
   exactly as the harness's ``get_rolling_token_windows(..., context_len=1)``.
-* **Batching**: scoring rows are sorted by length (longest first), taken ``batch_size`` at a time
-  and right-padded to a bucketed length (a power of two, at least 8, at most ``max_length``); the
-  batch dimension is padded to a power of two no larger than ``batch_size``.  The model is causal,
-  so padding never changes a score; results come back in request order.
+* **Batching** (``tpa_jax.eval.lm_eval_scoring``): scoring rows are sorted by length (longest
+  first), taken ``batch_size`` at a time and right-padded to a bucketed length; the model is
+  causal, so padding never changes a score; results come back in request order.
 * **Generation** (``generate_until``, through ``tpa_jax.inference.generate.generate``): requests
   with the same options are batched, longest prompt first, the batch padded to a power of two with
   copies of a prompt.  Greedy unless ``do_sample=True`` (then ``temperature``, default 1.0, and
@@ -49,147 +49,33 @@ Conventions (those of the harness's Hugging Face model unless stated):
 """
 from __future__ import annotations
 
-import functools
-from typing import Any, Callable, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
-try:  # the harness is optional
-    from lm_eval.api.model import LM as _Base
-
-    try:
-        from lm_eval.api.registry import register_model as _register_model
-    except Exception:  # pragma: no cover - registry moved in some release
-        _register_model = None
-    HAVE_LM_EVAL = True
-except Exception:  # ImportError, or a broken install
-    HAVE_LM_EVAL = False
-    _register_model = None
-
-    class _NoCache:
-        def add_partial(self, *args, **kwargs) -> None:
-            pass
-
-    class _Base:  # type: ignore[no-redef]
-        """Stand-in for ``lm_eval.api.model.LM`` when the harness is not installed."""
-
-        def __init__(self) -> None:
-            self._rank = 0
-            self._world_size = 1
-            self.cache_hook = _NoCache()
-
-        @property
-        def rank(self) -> int:
-            return self._rank
-
-        @property
-        def world_size(self) -> int:
-            return self._world_size
+from ..model import model_of
+from .lm_eval_base import HAVE_LM_EVAL, Base, int_arg, parse_model_args, register_model, request_args
+from .lm_eval_scoring import next_pow2, rolling_windows, score_rows
 
 __all__ = ["TPAJaxLM", "HAVE_LM_EVAL", "rolling_windows", "parse_model_args"]
 
-_MIN_BUCKET = 8
 _ARG_KEYS = ("checkpoint", "step", "batch_size", "max_length", "max_gen_toks", "prefix_token_id", "seed")
 
 
 def _generate_fn() -> Callable:
     """``tpa_jax.inference.generate.generate``, imported on first use."""
-    from tpa_jax.inference.generate import generate
+    from ..inference.generate import generate
 
     return generate
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _score(model, params, tokens, targets):
-    """Per-position log-prob of ``targets`` and whether each is the argmax, from one forward pass
-    (only [B, T] arrays leave the device, never the [B, T, vocab] logits)."""
-    logits = model.apply({"params": params}, tokens).astype(jnp.float32)
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    picked = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-    return picked, jnp.argmax(logits, axis=-1) == targets
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length()
-
-
-def _request_args(req: Any) -> tuple:
-    """``req.args`` of a harness ``Instance``, or the request itself when it is a plain tuple."""
-    args = getattr(req, "args", req)
-    if isinstance(args, (str, bytes)) or not isinstance(args, Sequence):
-        raise ValueError(f"request: expected an lm_eval Instance or a tuple of arguments, got {type(req).__name__}")
-    return tuple(args)
-
-
-def rolling_windows(tokens: Sequence[int], prefix: int, window: int) -> List[Tuple[List[int], List[int]]]:
-    """Disjoint prediction windows over ``tokens``: a list of ``(inputs, targets)`` where the targets
-    are the next-token labels of the last ``len(targets)`` inputs.
-
-    The first window predicts ``tokens[:window]`` from ``[prefix] + tokens[:window - 1]``; each
-    later one predicts the next (up to) ``window`` tokens from the ``window`` tokens before its last
-    target.  Every token is predicted exactly once (the harness's scheme with ``context_len=1``)."""
-    tokens = list(tokens)
-    if window < 1:
-        raise ValueError(f"rolling_windows: window must be >= 1, got {window}")
-    out: List[Tuple[List[int], List[int]]] = []
-    if not tokens:
-        return out
-    first = min(window, len(tokens))
-    out.append(([prefix] + tokens[: first - 1], tokens[:first]))
-    done = first
-    while done < len(tokens):
-        end = min(done + window, len(tokens))
-        out.append((tokens[end - window - 1: end - 1], tokens[done:end]))
-        done = end
-    return out
-
-
-def _parse_value(v: str) -> Any:
-    s = v.strip()
-    low = s.lower()
-    if low in ("none", "null"):
-        return None
-    if low in ("true", "false"):
-        return low == "true"
-    for cast in (int, float):
-        try:
-            return cast(s)
-        except ValueError:
-            pass
-    return s
-
-
-def parse_model_args(arg_string: str) -> dict:
-    """``"checkpoint=DIR,step=100"`` -> ``{"checkpoint": "DIR", "step": 100}`` (ints, floats, booleans
-    and ``None`` converted); a piece without ``=`` raises ``ValueError``."""
-    out: dict = {}
-    for piece in (arg_string or "").split(","):
-        if not piece.strip():
-            continue
-        if "=" not in piece:
-            raise ValueError(f"model_args: expected key=value, got {piece.strip()!r}")
-        k, v = piece.split("=", 1)
-        out[k.strip()] = _parse_value(v)
-    return out
-
-
-def _int_arg(name: str, value: Any, minimum: int = 1) -> int:
-    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"TPAJaxLM: {name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
-
-
-class TPAJaxLM(_Base):
+class TPAJaxLM(Base):
     """A tpa_jax model as an lm-evaluation-harness ``LM``.
 
-    ``run``: an object with ``.config`` (``ModelConfig``), ``.params`` (unboxed parameter pytree),
-    ``.model`` (``Transformer(config)``) and ``.tokenizer`` (a ``tpa_jax.data.tokenizers.Tokenizer``),
-    e.g. what ``tpa_jax.load`` returns.  Or ``checkpoint`` (and ``step``) instead, loaded with
-    ``tpa_jax.load(checkpoint, step=step)``.
+    ``run``: an object with ``.config`` (``ModelConfig``), ``.params`` (unboxed parameter pytree)
+    and ``.tokenizer`` (a ``tpa_jax.data.tokenizers.Tokenizer``), e.g. what ``tpa_jax.load``
+    returns.  Or ``checkpoint`` (and ``step``) instead, loaded with ``tpa_jax.load(checkpoint,
+    step=step)``.  The model runs through ``tpa_jax.model.logits_fn(config)``.
 
     ``batch_size``: rows per forward pass.  ``max_length``: longest window in tokens (default and
     upper bound ``config.max_seq_len``).  ``max_gen_toks``: default generation budget.
@@ -209,40 +95,35 @@ class TPAJaxLM(_Base):
         if run is None:
             import tpa_jax
 
-            run = tpa_jax.load(checkpoint, step=None if step is None else _int_arg("step", step, 0))
+            run = tpa_jax.load(checkpoint, step=None if step is None else int_arg("step", step, 0))
         for attr in ("config", "params", "tokenizer"):
             if not hasattr(run, attr):
                 raise ValueError(f"TPAJaxLM: the run object has no .{attr} attribute")
         self.config = run.config
         self.params = run.params
         self.tokenizer = run.tokenizer
-        model = getattr(run, "model", None)
-        if model is None:
-            from tpa_jax import Transformer
-
-            model = Transformer(self.config)
-        self.model = model
+        self.model = model_of(self.config)
 
         cfg = self.config
         tok_vocab = int(getattr(self.tokenizer, "vocab_size", 0) or 0)
         if tok_vocab > cfg.vocab_size:
             raise ValueError(f"TPAJaxLM: tokenizer vocab_size {tok_vocab} exceeds the model's vocab_size "
                              f"{cfg.vocab_size}")
-        self._batch_size = _int_arg("batch_size", batch_size)
-        self._max_length = cfg.max_seq_len if max_length is None else _int_arg("max_length", max_length)
+        self._batch_size = int_arg("batch_size", batch_size)
+        self._max_length = cfg.max_seq_len if max_length is None else int_arg("max_length", max_length)
         if self._max_length > cfg.max_seq_len:
             raise ValueError(f"TPAJaxLM: max_length {self._max_length} exceeds the model's max_seq_len "
                              f"{cfg.max_seq_len}")
-        self._max_gen_toks = _int_arg("max_gen_toks", max_gen_toks)
+        self._max_gen_toks = int_arg("max_gen_toks", max_gen_toks)
         eot = getattr(self.tokenizer, "eot_id", None)
         self._eot = None if eot is None else int(eot)
         if prefix_token_id is not None:
-            prefix_token_id = _int_arg("prefix_token_id", prefix_token_id, 0)
+            prefix_token_id = int_arg("prefix_token_id", prefix_token_id, 0)
             if prefix_token_id >= cfg.vocab_size:
                 raise ValueError(f"TPAJaxLM: prefix_token_id {prefix_token_id} is outside the model's "
                                  f"vocabulary 0..{cfg.vocab_size - 1}")
         self._prefix = prefix_token_id if prefix_token_id is not None else self._eot
-        self._seed = _int_arg("seed", seed, 0)
+        self._seed = int_arg("seed", seed, 0)
 
     # ------------------------------------------------------------------ construction from the harness
     @classmethod
@@ -259,7 +140,7 @@ class TPAJaxLM(_Base):
         bs = extra.get("batch_size")
         if "batch_size" not in args and bs is not None:
             try:
-                args["batch_size"] = _int_arg("batch_size", bs)
+                args["batch_size"] = int_arg("batch_size", bs)
             except ValueError:
                 pass  # "auto" and friends: keep the default
         return cls(**args)
@@ -296,41 +177,10 @@ class TPAJaxLM(_Base):
         return self.tokenizer.decode([int(t) for t in tokens])
 
     # ------------------------------------------------------------------ scoring core
-    def _bucket(self, n: int) -> int:
-        return min(self._max_length, max(_MIN_BUCKET, _next_pow2(n)))
-
     def _score_rows(self, rows: Sequence[Tuple[Sequence[int], Sequence[int]]], disable_tqdm: bool = True,
                     desc: str = "") -> List[Tuple[float, bool]]:
-        """(sum of target log-probs, all targets greedy) per ``(inputs, targets)`` row; the targets
-        label the last ``len(targets)`` inputs.  Results follow the order of ``rows``."""
-        out: List[Optional[Tuple[float, bool]]] = [None] * len(rows)
-        order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
-        chunks = [order[i: i + self._batch_size] for i in range(0, len(order), self._batch_size)]
-        try:
-            from tqdm.auto import tqdm
-
-            chunks_iter: Iterable = tqdm(chunks, desc=desc, disable=disable_tqdm or self.rank != 0)
-        except Exception:  # pragma: no cover
-            chunks_iter = chunks
-        for chunk in chunks_iter:
-            t = self._bucket(max(len(rows[i][0]) for i in chunk))
-            b = min(self._batch_size, _next_pow2(len(chunk)))
-            tokens = np.zeros((b, t), np.int32)
-            targets = np.zeros((b, t), np.int32)
-            mask = np.zeros((b, t), bool)
-            for r, i in enumerate(chunk):
-                inp, tgt = rows[i]
-                n, k = len(inp), len(tgt)
-                tokens[r, :n] = inp
-                targets[r, n - k: n] = tgt
-                mask[r, n - k: n] = True
-            picked, greedy = _score(self.model, self.params, tokens, targets)
-            picked = np.asarray(picked, np.float64)
-            greedy = np.asarray(greedy)
-            for r, i in enumerate(chunk):
-                m = mask[r]
-                out[i] = (float(picked[r][m].sum()), bool(greedy[r][m].all()))
-        return out  # type: ignore[return-value]
+        return score_rows(self.config, self.params, rows, batch_size=self._batch_size, max_length=self._max_length,
+                          disable_tqdm=disable_tqdm or self.rank != 0, desc=desc)
 
     def _check_tokens(self, what: str, ids: Sequence[int]) -> None:
         if ids and (min(ids) < 0 or max(ids) >= self.config.vocab_size):
@@ -367,7 +217,7 @@ class TPAJaxLM(_Base):
 
     def loglikelihood(self, requests, disable_tqdm: bool = True) -> List[Tuple[float, bool]]:
         """``[(log p(continuation | context), continuation is the greedy continuation), ...]``."""
-        args = [_request_args(r) for r in requests]
+        args = [request_args(r) for r in requests]
         rows = []
         for a in args:
             if len(a) != 2:
@@ -382,7 +232,7 @@ class TPAJaxLM(_Base):
         """Log-likelihood of each whole text, in disjoint windows of ``max_length`` tokens."""
         texts = []
         for r in requests:
-            a = _request_args(r)
+            a = request_args(r)
             if not a or not isinstance(a[0], str):
                 raise ValueError("loglikelihood_rolling: expected (text: str,) requests")
             texts.append(a[0])
@@ -414,7 +264,7 @@ class TPAJaxLM(_Base):
         elif not isinstance(until, (list, tuple)) or not all(isinstance(u, str) for u in until):
             raise ValueError(f"generate_until: 'until' must be a string or a list of strings, got {until!r}")
         until = [u for u in until if u]
-        max_gen = _int_arg("max_gen_toks", kw.get("max_gen_toks", self._max_gen_toks))
+        max_gen = int_arg("max_gen_toks", kw.get("max_gen_toks", self._max_gen_toks))
         if max_gen >= self._max_length:
             raise ValueError(f"generate_until: max_gen_toks {max_gen} leaves no room for a prompt in "
                              f"max_length {self._max_length}")
@@ -427,7 +277,7 @@ class TPAJaxLM(_Base):
                 raise ValueError(f"generate_until: temperature must be >= 0, got {temperature}")
             if temperature > 0:
                 top_k = kw.get("top_k")
-                top_k = None if top_k in (None, 0, -1) else _int_arg("top_k", top_k)
+                top_k = None if top_k in (None, 0, -1) else int_arg("top_k", top_k)
                 top_p = kw.get("top_p")
                 top_p = None if top_p is None or float(top_p) >= 1.0 else float(top_p)
         return list(until), max_gen, temperature, top_k, top_p
@@ -437,7 +287,7 @@ class TPAJaxLM(_Base):
         generate = _generate_fn()
         items = []
         for r in requests:
-            a = _request_args(r)
+            a = request_args(r)
             if len(a) != 2 or not isinstance(a[0], str):
                 raise ValueError("generate_until: expected (context: str, gen_kwargs: dict) requests")
             context, gen_kwargs = a
@@ -464,7 +314,7 @@ class TPAJaxLM(_Base):
                 chunk = idx[s: s + self._batch_size]
                 prompts = [items[i]["ids"] for i in chunk]
                 # pad the batch to a power of two with copies of its first prompt (fewer recompiles)
-                prompts += [prompts[0]] * (min(self._batch_size, _next_pow2(len(chunk))) - len(chunk))
+                prompts += [prompts[0]] * (min(self._batch_size, next_pow2(len(chunk))) - len(chunk))
                 gen = generate(self.params, self.config, prompts, max_gen,
                                temperature=temperature, top_k=top_k, top_p=top_p, seed=self._seed + call,
                                stop_tokens=stops)
@@ -483,9 +333,9 @@ class TPAJaxLM(_Base):
         return out  # type: ignore[return-value]
 
 
-if HAVE_LM_EVAL and _register_model is not None:
+if HAVE_LM_EVAL and register_model is not None:
     try:
-        TPAJaxLM = _register_model("tpa_jax")(TPAJaxLM)
+        TPAJaxLM = register_model("tpa_jax")(TPAJaxLM)
     except Exception:  # already registered (module reloaded) or an incompatible registry
         pass
 

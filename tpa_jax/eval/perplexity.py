@@ -5,7 +5,9 @@
     perplexity(run, manifest="data/fineweb/manifest.json", seq_len=1024, max_batches=50)
 
 The split is read in order (``tpa_jax.data.pipeline.eval_batches``): windows of ``seq_len + 1``
-tokens, the loss averaged over every predicted token of every full batch.
+tokens, the loss (the model entry point's ``loss_fn``) averaged over every predicted token of every
+full batch.  ``run`` is anything with ``.config``, ``.params``, ``.train_config`` and ``.step``,
+e.g. what ``tpa_jax.load`` returns.
 """
 from __future__ import annotations
 
@@ -25,7 +27,8 @@ __all__ = ["perplexity"]
 
 
 @functools.lru_cache(maxsize=None)
-def _loss_fn(cfg):
+def _summed_loss(cfg):
+    """jitted ``(params, inputs, targets) -> (loss summed over scored targets, their count)``."""
     mean_loss = loss_fn(cfg)
 
     @jax.jit
@@ -44,11 +47,11 @@ def perplexity(run, manifest: Union[str, dict, None] = None, *, split: str = "va
     seq_len = int(seq_len or tcfg.data.seq_len)
     man = resolve_manifest(tcfg.data) if manifest is None else load_manifest(manifest)
     check_compatible(man, run.config.vocab_size, seq_len, run.config.max_seq_len)
-    loss_fn = _loss_fn(run.config)
+    summed = _summed_loss(run.config)
     total, count, batches = 0.0, 0, 0
     t0 = time.time()
     for batch in eval_batches(man, seq_len, batch_size, max_batches, split=split):
-        s, n = loss_fn(run.params, jnp.asarray(batch["inputs"]), jnp.asarray(batch["targets"]))
+        s, n = summed(run.params, jnp.asarray(batch["inputs"]), jnp.asarray(batch["targets"]))
         total += float(s)
         count += int(n)
         batches += 1

@@ -1,0 +1,101 @@
+"""Text table and figure of a decode-benchmark result (``tpa_jax.eval.decode_bench``).
+
+* :func:`format_table` -- per (d_model, batch): ms per step of each mechanism at every context,
+  and TPA's time ratios to the others;
+* :func:`plot` -- log2(time per token) vs log2(context length), one panel per d_model, in the
+  colours of the paper's Figs. 7-8 (Agg canvas, no display).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+__all__ = ["TARGET", "COLORS", "format_table", "plot"]
+
+TARGET = "tpa"  # the mechanism every ratio compares against the others
+# colours of the paper's Figs. 7-8 (MHA orange, MQA purple, GQA green, MLA blue, TPA red)
+COLORS = {"mha": "tab:orange", "mqa": "tab:purple", "gqa": "tab:green", "mla": "tab:blue", "tpa": "tab:red"}
+
+
+def _fmt_ms(seconds: Optional[float]) -> str:
+    if seconds is None:
+        return "skip"
+    ms = 1e3 * seconds
+    return f"{ms:.3f}" if ms < 100 else f"{ms:.1f}"
+
+
+def format_table(result: dict) -> str:
+    """Per (d_model, batch): one line per context with ms per step of each mechanism and TPA's ratios."""
+    cfg = result["config"]
+    mechs = cfg["mechanisms"]
+    timed = {(e["d_model"], e["batch"], e["context"], e["mechanism"]): e for e in result["entries"]}
+    ratio_rows = {(r["d_model"], r["batch"], r["context"]): r for r in result["ratios"]}
+    keys = [f"{TARGET}/{m}" for m in mechs if m != TARGET] if TARGET in mechs else []
+    head = ["context"] + list(mechs) + keys
+    blocks = [f"per-token decode time in ms (one step = one token for each sequence; {cfg['dtype']}, "
+              f"decode_impl={cfg['decode_impl']}, {cfg['n_layer']} layer(s), {cfg['device_kind']}); "
+              f"ratios < 1: TPA faster"]
+    for d in cfg["d_models"]:
+        for b in cfg["batch_sizes"]:
+            rows = [head]
+            for s in cfg["contexts"]:
+                cells = [f"{s:,}"]
+                cells += [_fmt_ms(timed[(d, b, s, m)]["per_token_s"]) if (d, b, s, m) in timed else "skip"
+                          for m in mechs]
+                rr = ratio_rows.get((d, b, s), {"time": {}})["time"]
+                cells += [f"{rr[k]:.3f}" if k in rr else "-" for k in keys]
+                rows.append(cells)
+            widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+            lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]
+            lines.insert(1, "  ".join("-" * w for w in widths))
+            blocks.append(f"\nd_model {d} ({d // cfg['head_dim']} heads, d_h {cfg['head_dim']}), batch {b}\n"
+                          + "\n".join(lines))
+    if result["skipped"]:
+        blocks.append(f"\n{len(result['skipped'])} point(s) skipped: cache above the "
+                      f"{cfg['memory_cap_gb']:g} GiB memory cap")
+    return "\n".join(blocks)
+
+
+def plot(result: dict, png_path: str) -> str:
+    """log2(seconds per token) vs log2(context), one panel per d_model, a line per mechanism and batch.
+
+    Batch sizes differ by line style; with a ``bandwidth`` the memory-bound limits of the largest
+    batch are drawn as thin dotted lines.  Agg canvas (no display); returns ``png_path``.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    cfg = result["config"]
+    if not result["entries"]:
+        raise ValueError("plot: the result has no measured entries")
+    d_models = cfg["d_models"]
+    styles, markers = ["-", "--", "-.", ":"], "os^vDP"
+    fig = Figure(figsize=(6.5 * len(d_models), 5), dpi=110)
+    FigureCanvasAgg(fig)
+    for i, d in enumerate(d_models):
+        ax = fig.add_subplot(1, len(d_models), i + 1)
+        for j, b in enumerate(cfg["batch_sizes"]):
+            for m in cfg["mechanisms"]:
+                pts = sorted((e["context"], e) for e in result["entries"]
+                             if e["d_model"] == d and e["batch"] == b and e["mechanism"] == m)
+                if not pts:
+                    continue
+                x = [math.log2(c) for c, _ in pts]
+                ax.plot(x, [math.log2(e["per_token_s"]) for _, e in pts], color=COLORS.get(m),
+                        linestyle=styles[j % len(styles)], marker=markers[j % len(markers)], markersize=3,
+                        linewidth=1.5, label=f"{m.upper()} (batch {b})")
+                if cfg.get("bandwidth_bytes_per_s") and b == cfg["batch_sizes"][-1]:
+                    ax.plot(x, [math.log2(e["memory_bound_s"]) for _, e in pts], color=COLORS.get(m),
+                            linestyle=":", linewidth=0.8, alpha=0.6)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("log2(context length)")
+        ax.set_ylabel("log2(time per token) (seconds)")
+        ax.set_title(f"d_model {d} ({d // cfg['head_dim']} heads, d_h {cfg['head_dim']})")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7, ncol=len(cfg["batch_sizes"]))
+    fig.suptitle(f"One-token decode step vs context ({cfg['dtype']}, decode_impl={cfg['decode_impl']}, "
+                 f"{cfg['n_layer']} layer(s), {cfg['device_kind']})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(png_path, format="png")
+    return png_path
