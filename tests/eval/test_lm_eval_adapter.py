@@ -256,10 +256,6 @@ def test_generate_until_strips_eot(env, monkeypatch):
 
 
 def test_generate_until_real_generate(env):
-    try:
-        from tpa_jax.inference.generate import generate  # noqa: F401
-    except ImportError as e:
-        pytest.skip(f"tpa_jax.inference.generate is not available yet ({e})")
     check_generate_until(env, TPAJaxLM(env.run, max_length=16, batch_size=2))
 
 
