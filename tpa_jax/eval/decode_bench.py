@@ -60,7 +60,7 @@ from ..inference import cache_bytes_per_token, init_cache
 from ..model import logits_fn
 from .bench_timing import compile_timed, environment, time_interleaved
 from .bench_weights import PARAM_INITS, bench_params, filled_like, nbytes
-from .decode_report import COLORS, TARGET, format_table, plot  # noqa: F401 (format_table, plot re-exported)
+from .decode_report import TARGET, format_table, plot  # noqa: F401 (format_table, plot re-exported)
 from .kv_report import GIB
 
 __all__ = ["MECHANISMS", "PALLAS_MECHANISMS", "run_decode_bench", "model_config", "format_table", "plot"]
