@@ -1,4 +1,5 @@
-"""Load a trained run in a notebook:
+"""Loading a trained run for inference: ``load`` restores a training checkpoint's model into a
+``Run`` (config, params, tokenizer) that encodes, generates text and computes logits.
 
     run = tpa_jax.load("runs/t6-tiny")           # the run directory (or its checkpoints/ folder)
     run.generate("def fibonacci(n):", max_new_tokens=64)
@@ -28,8 +29,6 @@ from .inference.generate import Generation, generate
 from .model import Transformer, abstract_params, logits_fn, model_of
 from .train.checkpoint import CheckpointError, restore_newest
 
-log = logging.getLogger(__name__)
-
 __all__ = ["Run", "load", "find_checkpoint_dir", "CheckpointError"]
 
 
@@ -46,6 +45,7 @@ class Run:
 
     @property
     def model(self) -> Transformer:
+        """The flax module of ``config`` (``logits`` and ``generate`` run it through its entry point)."""
         return model_of(self.config)
 
     def encode(self, text: str) -> list[int]:
@@ -55,7 +55,9 @@ class Run:
         return self.tokenizer.decode([int(i) for i in ids])
 
     def generate_tokens(self, prompts: Sequence[str], max_new_tokens: int = 64, *, stop_at_eot: bool = True,
-                        **sampling) -> Generation:
+                        **sampling: Any) -> Generation:
+        """``tpa_jax.generate`` on the encoded prompts (an empty prompt starts from end-of-text),
+        stopping each row at end-of-text when ``stop_at_eot``."""
         ids = [self.encode(p) for p in prompts]
         for i, x in enumerate(ids):
             if not x:
@@ -84,7 +86,7 @@ class Run:
             texts.append(self.decode(row))
         return texts[0] if single else texts
 
-    def logits(self, tokens) -> jax.Array:
+    def logits(self, tokens: Any) -> jax.Array:
         """Full-forward float32 logits [B, T, vocab] of int tokens [B, T]."""
         return _jit_logits(self.config)(self.params, jnp.asarray(tokens, jnp.int32))
 
@@ -115,7 +117,7 @@ def find_checkpoint_dir(path: Union[str, os.PathLike]) -> str:
     return path
 
 
-def _restore_step(mngr: ocp.CheckpointManager, step: int, mesh) -> tuple[dict, Any]:
+def _restore_step(mngr: ocp.CheckpointManager, step: int, mesh: Optional[jax.sharding.Mesh]) -> tuple[dict, Any]:
     meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     tcfg = TrainConfig.from_dict(meta["config"])
     target = {"params": abstract_params(tcfg.model, mesh)}
@@ -124,7 +126,8 @@ def _restore_step(mngr: ocp.CheckpointManager, step: int, mesh) -> tuple[dict, A
     return meta, state["state"]["params"]
 
 
-def load(checkpoint_dir: Union[str, os.PathLike], step: Optional[int] = None, *, mesh=None) -> Run:
+def load(checkpoint_dir: Union[str, os.PathLike], step: Optional[int] = None, *,
+         mesh: Optional[jax.sharding.Mesh] = None) -> Run:
     """Restore a training run's model for inference (see the module docstring).
 
     Errors, each one line: a missing directory (``FileNotFoundError``), a directory without

@@ -120,8 +120,9 @@ def test_sharded_cache_matches_unsharded():
 
 
 # ------------------------------------------------------------------ decode paths inside the model
-def _decode_logits(cfg, params, model, tok, prefill=5):
-    step = jax.jit(lambda p, t, c: model.apply({"params": p}, t, cache=c))
+def _decode_logits(cfg, params, tok, prefill=5):
+    logits_of = tpa_jax.logits_fn(cfg)
+    step = jax.jit(lambda p, t, c: logits_of(p, t, cache=c))
     cache = init_cache(cfg, tok.shape[0], 64, dtype="float32")
     _, cache = step(params, tok[:, :prefill], cache)
     outs = []
@@ -137,12 +138,12 @@ def _decode_logits(cfg, params, model, tok, prefill=5):
 def test_decode_impls_agree(name, impls):
     """FlashTPA (jnp and the Pallas kernel in interpret mode) and absorbed MLA == materialised K/V."""
     cfg = cfg_of(name, decode_impl="materialize")
-    model, params = init_params(cfg)
+    _, params = init_params(cfg)
     tok = tokens(cfg, batch=2, seq=9)
-    ref = _decode_logits(cfg, params, model, tok)
+    ref = _decode_logits(cfg, params, tok)
     for impl in impls:
         c = dataclasses.replace(cfg, decode_impl=impl, decode_block_size=16)
-        got = _decode_logits(c, params, tpa_jax.Transformer(c), tok)
+        got = _decode_logits(c, params, tok)
         np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
 
 
@@ -175,11 +176,11 @@ def test_flash_decode_never_builds_per_head_keys(name):
     sizes = {}
     for impl in ("flash", "materialize"):
         cfg = cfg_of(name, decode_impl=impl, max_seq_len=s, decode_block_size=32)
-        model, params = init_params(cfg)
+        _, params = init_params(cfg)
         cache = init_cache(cfg, b, s, dtype="float32")
         tok = jnp.zeros((b, 1), jnp.int32)
-        sizes[impl] = _largest_intermediate(lambda p, t, c: model.apply({"params": p}, t, cache=c),
-                                            params, tok, cache)
+        logits_of = tpa_jax.logits_fn(cfg)
+        sizes[impl] = _largest_intermediate(lambda p, t, c: logits_of(p, t, cache=c), params, tok, cache)
     per_head_kv = b * s * cfg.n_head * cfg.head_dim
     assert sizes["materialize"] >= per_head_kv
     assert sizes["flash"] < per_head_kv

@@ -1,7 +1,9 @@
-"""Training system: loss falls, resume equivalence through SIGTERM, accumulation, meshes, faults."""
-import dataclasses
-import json
+"""The training loop: the loss falls, resume through SIGTERM is bitwise identical, meshes agree
+(one device, data x fsdp x tensor, restoring onto another mesh), a non-finite loss stops the run,
+bad input fails before compiling, evaluation pools its batches, and two processes train together."""
+import math
 import os
+import signal
 import subprocess
 import sys
 
@@ -10,55 +12,15 @@ import numpy as np
 import pytest
 
 from tpa_jax import configs
-from tpa_jax.config import DataConfig, MeshConfig, OptimConfig, TrainConfig
-from tpa_jax.configs import load_train_config
-from tpa_jax.data import prepare_files
-from tpa_jax.train import CheckpointError, NonFiniteLossError, train
+from tpa_jax.config import DataConfig, MeshConfig, OptimConfig
+from tpa_jax.data import resolve_manifest
+from tpa_jax.train import NonFiniteLossError, train
 from tpa_jax.train import checkpoint as ckpt
+from tpa_jax.train.loop import StopFlag, evaluate
 from tpa_jax.train.metrics import read_metrics
+
+from _train_util import STEPS, losses, make_cfg, params_of
 from _util import ROOT
-
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    """A small text corpus (real Python source from this project) as byte-token shards."""
-    d = tmp_path_factory.mktemp("corpus")
-    src = d / "src"
-    src.mkdir()
-    for dp, _, fs in os.walk(os.path.join(ROOT, "tpa_jax")):
-        for f in fs:
-            if f.endswith(".py"):
-                rel = os.path.relpath(os.path.join(dp, f), ROOT).replace(os.sep, "_")
-                (src / (rel + ".txt")).write_text(open(os.path.join(dp, f)).read())
-    return prepare_files(sorted(str(p) for p in src.iterdir()), d / "shards", "byte", val_fraction=0.2)
-
-
-def make_cfg(run_dir, manifest, **kw):
-    model = kw.pop("model", configs.get("t6-tiny", compute_dtype="float32", max_seq_len=64))
-    fields = dict(model=model, data=DataConfig(source="manifest", path=str(manifest), seq_len=32),
-                  optim=OptimConfig(lr=3e-3, min_lr=3e-4, warmup_steps=2), run_dir=str(run_dir), steps=8,
-                  batch_size=8, log_every=1, eval_every=1000, eval_batches=2, save_every=4, sample_tokens=0)
-    fields.update(kw)
-    return TrainConfig(**fields)
-
-
-def losses(run_dir):
-    return {r["step"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r}
-
-
-def params_of(summary):
-    return jax.tree_util.tree_map(np.asarray, summary["state"]["params"])
-
-
-STEPS = 16  # the shared reference run: 16 steps, checkpoints at 8 and 16
-
-
-@pytest.fixture(scope="module")
-def straight(tmp_path_factory, corpus):
-    run = tmp_path_factory.mktemp("straight")
-    out = train(make_cfg(run, corpus, steps=STEPS, save_every=8), progress=False)
-    return run, out
 
 
 def test_loss_falls(straight):
@@ -85,14 +47,14 @@ def test_resume_after_sigterm_is_bitwise_identical(tmp_path, corpus, straight):
         np.testing.assert_array_equal(x, y)
 
 
-def test_gradient_accumulation_equals_big_batch(tmp_path, corpus, straight):
-    # 4 micro-steps of 2 sequences == one step of 8 (same lr for steps 1-3: warmup covers them)
-    acc = make_cfg(tmp_path, corpus, steps=STEPS,
-                   optim=OptimConfig(lr=3e-3, min_lr=3e-4, warmup_steps=2, accum_steps=4))
-    train(acc, progress=False, stop_at_step=3)
-    la, lb = losses(straight[0]), losses(tmp_path)
-    np.testing.assert_allclose([la[s] for s in (1, 2, 3)], [lb[s] for s in (1, 2, 3)], rtol=2e-5)
-    assert la[3] != la[1]  # the updates changed the model
+def test_stop_flag_handles_signals_only_while_installed():
+    before = signal.getsignal(signal.SIGTERM)
+    flag = StopFlag()
+    with flag.installed():
+        assert flag.active and signal.getsignal(signal.SIGTERM) is flag
+        signal.raise_signal(signal.SIGTERM)  # recorded, not fatal
+    assert flag.signal == signal.SIGTERM and not flag.active
+    assert signal.getsignal(signal.SIGTERM) is before
 
 
 def test_eight_device_mesh_matches_one_device(tmp_path, corpus, straight):
@@ -123,41 +85,15 @@ def test_restore_onto_a_different_mesh(tmp_path, corpus, straight):
     assert len(jax.tree_util.tree_leaves(resumed["state"]["params"])[1].sharding.device_set) == 4
 
 
-def test_corrupt_latest_checkpoint_falls_back_and_deletes_nothing(tmp_path, corpus, straight, caplog):
-    import shutil
-
-    shutil.copytree(straight[0] / "checkpoints", tmp_path / "checkpoints")
-    ckdir = tmp_path / "checkpoints"
-    for dp, _, fs in os.walk(ckdir / "16" / "state"):  # corrupt every array file of the newest step
-        for f in fs:
-            if not f.endswith(".json") and "metadata" not in f.lower():
-                with open(os.path.join(dp, f), "wb") as fh:
-                    fh.write(b"garbage")
-    resumed = train(make_cfg(tmp_path, corpus, steps=STEPS, save_every=100), progress=False, stop_at_step=9)
-    assert resumed["start_step"] == 8
-    assert "could not be restored" in caplog.text
-    assert os.path.isdir(ckdir / "16")  # kept for inspection, not deleted
-
-
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, corpus):
     cfg = make_cfg(tmp_path, corpus, steps=30, save_every=1, keep=50,
                    optim=OptimConfig(lr=1e30, min_lr=0.0, warmup_steps=0, grad_clip=0.0))
     with pytest.raises(NonFiniteLossError, match="non-finite loss at step"):
         train(cfg, progress=False)
-    mngr = ckpt.manager(tmp_path / "checkpoints", read_only=True)
-    steps = mngr.all_steps()
+    steps = ckpt.manager(tmp_path / "checkpoints", read_only=True).all_steps()
     assert steps, "the good checkpoints before the failure are kept"
-    bad_step = max(losses(tmp_path)) if losses(tmp_path) else None
     ls = losses(tmp_path)
     assert all(np.isfinite(ls[s]) for s in steps if s in ls)
-
-
-def test_nonfinite_skip_policy_keeps_training(tmp_path, corpus):
-    cfg = make_cfg(tmp_path, corpus, steps=6, nan_policy="skip", save_every=100,
-                   optim=OptimConfig(lr=1e30, min_lr=0.0, warmup_steps=0, grad_clip=0.0))
-    out = train(cfg, progress=False)
-    recs = [r for r in read_metrics(tmp_path) if "loss" in r]
-    assert out["step"] == 6 and any(r.get("skipped_update") for r in recs)
 
 
 def test_bad_inputs_fail_before_compiling(tmp_path, corpus):
@@ -171,38 +107,30 @@ def test_bad_inputs_fail_before_compiling(tmp_path, corpus):
     with pytest.raises(ValueError, match="accum_steps"):
         make_cfg(tmp_path, corpus, batch_size=6, optim=OptimConfig(accum_steps=4))
     assert not os.path.exists(tmp_path / "checkpoints")
-    with pytest.raises(CheckpointError, match="not found"):
-        ckpt.restore_latest(ckpt.manager(tmp_path / "ck"), {}, step=3)
 
 
-def test_config_file_and_overrides(tmp_path):
-    cfg = load_train_config(os.path.join(ROOT, "configs", "t6-tiny.json"),
-                            ["model.n_layer=3", "optim.lr=1e-3", "data.seq_len=64", "run_dir=x"])
-    assert (cfg.model.n_layer, cfg.optim.lr, cfg.data.seq_len, cfg.run_dir) == (3, 1e-3, 64, "x")
-    assert cfg.model.attention == "tpa"
-    assert load_train_config(None, ["model=mha-tiny"]).model.attention == "mha"
-    with pytest.raises(ValueError, match="unknown field"):
-        load_train_config(None, ["stepz=3"])
-    with pytest.raises(FileNotFoundError):
-        load_train_config(str(tmp_path / "missing.json"))
+@pytest.mark.parametrize("accum", [1, 2])
+def test_evaluate_averages_losses_and_pools_recall_counts(tmp_path, corpus, accum):
+    """Mean of the batch losses, exp of it, and recall ratios of the summed counts; eval batches hold
+    batch_size / accum_steps sequences (a micro-batch)."""
+    tcfg = make_cfg(tmp_path, corpus, eval_batches=3, optim=OptimConfig(accum_steps=accum))
+    manifest = resolve_manifest(tcfg.data)
+    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    counts = [dict(correct=1, total=4, all_correct=0, examples=8), dict(correct=2, total=4, all_correct=1, examples=8),
+              dict(correct=4, total=4, all_correct=2, examples=8)]
+    shapes = []
 
+    def plain(params, batch):
+        shapes.append(batch["inputs"].shape)
+        return [2.0, 3.0, 5.0][len(shapes) - 1]
 
-def test_cli_trains_saves_and_writes_config(tmp_path, corpus):
-    run = tmp_path / "run"
-    proc = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "train.py"), "--no-progress", f"run_dir={run}", "steps=4",
-         "batch_size=4", "data.source=manifest", f"data.path={corpus}", "data.seq_len=32", "sample_tokens=8",
-         "eval_batches=1"],
-        capture_output=True, text=True, timeout=600, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "val_loss" in proc.stdout and "sample (greedy)" in proc.stdout
-    saved = json.load(open(run / "config.json"))
-    assert saved["steps"] == 4 and saved["model"]["attention"] == "tpa"
-    meta = ckpt.restore_meta(ckpt.manager(run / "checkpoints", read_only=True), 4)
-    assert meta["config"]["steps"] == 4 and meta["tokenizer"]["name"] == "byte"
-    bad = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "data.seq_len=100000"],
-                         capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert bad.returncode == 2 and "seq_len" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+    rec = evaluate(plain, None, manifest, tcfg, one)
+    assert shapes == [(8 // accum, 32)] * 3
+    assert rec == pytest.approx({"val_loss": 10 / 3, "val_ppl": math.exp(10 / 3)})
+    shapes.clear()
+    rec = evaluate(lambda p, b: {"loss": plain(p, b), **counts[len(shapes) - 1]}, None, manifest, tcfg, one)
+    assert rec == pytest.approx({"val_loss": 10 / 3, "val_ppl": math.exp(10 / 3), "val_recall_acc": 7 / 12,
+                                 "val_recall_exact": 3 / 24})
 
 
 def test_two_process_distributed_run(tmp_path, corpus):

@@ -16,7 +16,7 @@ prompt plus ``max_new_tokens``, rounded up to a multiple of 64 and capped at the
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple, Optional, Sequence, Union
+from typing import Any, NamedTuple, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +33,8 @@ _BUCKET = 64  # prompt and cache lengths are rounded up to multiples of this (fe
 
 
 class Generation(NamedTuple):
+    """What ``generate`` returns: the new tokens and how many of them each row generated."""
+
     tokens: np.ndarray  # int32 [B, max_new_tokens]
     lengths: np.ndarray  # int32 [B]
 
@@ -41,7 +43,10 @@ def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
 
-def prepare_prompts(prompt_tokens, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
+Prompts = Union[Sequence[Sequence[int]], Sequence[int], np.ndarray, jax.Array]
+
+
+def prepare_prompts(prompt_tokens: Prompts, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
     """Ragged prompts (sequences of ids, or an int array [B, T]) -> right-padded [B, T] and lengths."""
     if isinstance(prompt_tokens, (np.ndarray, jax.Array)):
         arr = np.asarray(prompt_tokens)
@@ -73,7 +78,8 @@ def prepare_prompts(prompt_tokens, vocab_size: int) -> tuple[np.ndarray, np.ndar
     return out, lengths
 
 
-def sample_logits(logits_BV, key, *, temperature, top_k: Optional[int], top_p, greedy: bool):
+def sample_logits(logits_BV: jax.Array, key: jax.Array, *, temperature: Union[float, jax.Array],
+                  top_k: Optional[int], top_p: Union[None, float, jax.Array], greedy: bool) -> jax.Array:
     """Next token ids [B] from float logits [B, V] (see the module docstring)."""
     logits = logits_BV.astype(jnp.float32)
     if greedy:
@@ -127,10 +133,10 @@ def _generate(params, prompts, prompt_lengths, cache, key, temperature, top_p, s
     return out, n_gen
 
 
-def generate(params, cfg: ModelConfig, prompt_tokens: Union[Sequence[Sequence[int]], np.ndarray],
-             max_new_tokens: int, *, temperature: float = 0.0, top_k: Optional[int] = None,
-             top_p: Optional[float] = None, seed: int = 0, stop_tokens: Sequence[int] = (),
-             max_len: Optional[int] = None, pad_id: int = 0, cache_dtype=None, mesh=None) -> Generation:
+def generate(params: Any, cfg: ModelConfig, prompt_tokens: Prompts, max_new_tokens: int, *,
+             temperature: float = 0.0, top_k: Optional[int] = None, top_p: Optional[float] = None, seed: int = 0,
+             stop_tokens: Sequence[int] = (), max_len: Optional[int] = None, pad_id: int = 0,
+             cache_dtype: Any = None, mesh: Optional[jax.sharding.Mesh] = None) -> Generation:
     """Generate up to ``max_new_tokens`` tokens after each prompt (see the module docstring)."""
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens: expected an integer >= 1, got {max_new_tokens!r}")

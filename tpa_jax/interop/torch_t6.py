@@ -1,7 +1,7 @@
 """Load checkpoints of the official PyTorch TPA code (github.com/tensorgi/TPA) into this project.
 
     cfg, params = convert(state_dict, official_config, arch)
-    logits = tpa_jax.Transformer(cfg).apply({"params": params}, input_ids)
+    logits = tpa_jax.logits_fn(cfg)(params, input_ids)
 
 ``arch`` names the official model file the checkpoint was trained with:
 
@@ -26,8 +26,8 @@ The returned config reproduces the official numerics: weight-free block/final RM
 eps = float32 machine epsilon, bf16-rounded RoPE tables with the official rotation sign, per-head
 output RMSNorm (eps 1e-5, weight ``subln.weight``) when ``using_groupnorm``, MLA inner norms with
 eps 1e-6, float32 compute and parameters.  The returned params are plain float32 NumPy arrays in
-exactly the tree ``Transformer(cfg).init`` creates (after ``flax.linen.meta.unbox``); ``convert``
-checks this itself.  Every problem is reported as a one-line ``ValueError``.
+exactly the tree ``tpa_jax.init_params(cfg, rng)`` returns; ``convert`` checks this itself.  Every
+problem is reported as a one-line ``ValueError``.
 """
 from __future__ import annotations
 
@@ -35,9 +35,11 @@ import math
 import re
 from typing import Any, Dict, Mapping, Tuple
 
+import jax
 import numpy as np
 
 from ..config import FLOAT32_EPS, ModelConfig
+from ..model import abstract_params
 
 ARCHS = ("T6", "T6_kvonly", "llama-mha", "llama-gqa", "llama-mla")
 
@@ -324,38 +326,30 @@ def _stack(layers):
     return np.ascontiguousarray(np.stack(layers, axis=0), dtype=np.float32)
 
 
-def expected_param_shapes(cfg: ModelConfig):
-    """``{path: ShapeDtypeStruct}`` tree of ``Transformer(cfg).init`` params, unboxed (no compute)."""
-    import flax.linen as nn
-    import jax
-    import jax.numpy as jnp
-
-    from ..model import Transformer
-
-    abstract = jax.eval_shape(lambda: Transformer(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32)))
-    return nn.meta.unbox(abstract)["params"]
+def expected_param_shapes(cfg: ModelConfig) -> Any:
+    """The parameter tree of ``cfg`` as ``ShapeDtypeStruct`` leaves (shapes and dtypes only, no compute)."""
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), abstract_params(cfg))
 
 
-def _verify(params, cfg: ModelConfig) -> None:
-    import jax
-
+def _verify(params: Any, cfg: ModelConfig) -> None:
     want = expected_param_shapes(cfg)
     want_flat = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_leaves_with_path(want)}
     got_flat = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_leaves_with_path(params)}
     missing = sorted(set(want_flat) - set(got_flat))
     extra = sorted(set(got_flat) - set(want_flat))
     if missing or extra:
-        raise _fail(f"converted params do not match Transformer(cfg).init: missing {missing}, unexpected {extra}")
+        raise _fail(f"converted params do not match the model's parameter tree: missing {missing}, unexpected {extra}")
     for path, spec in want_flat.items():
         got = got_flat[path]
         if tuple(got.shape) != tuple(spec.shape) or np.dtype(got.dtype) != np.dtype(spec.dtype):
-            raise _fail(f"converted param {path}: expected {spec.dtype}{tuple(spec.shape)} as Transformer(cfg).init "
-                        f"creates, got {got.dtype}{tuple(got.shape)}")
+            raise _fail(f"converted param {path}: expected {spec.dtype}{tuple(spec.shape)} as the model creates, "
+                        f"got {got.dtype}{tuple(got.shape)}")
     if jax.tree_util.tree_structure(params) != jax.tree_util.tree_structure(want):
-        raise _fail("converted params: tree structure differs from Transformer(cfg).init")
+        raise _fail("converted params: tree structure differs from the model's parameter tree")
 
 
-def convert(state_dict: Mapping[str, Any], official_config: Mapping[str, Any], arch: str):
+def convert(state_dict: Mapping[str, Any], official_config: Mapping[str, Any],
+            arch: str) -> Tuple[ModelConfig, Dict[str, Any]]:
     """Official state_dict + GPTConfig fields -> (ModelConfig, params) with identical logits.
 
     Raises a one-line ``ValueError`` naming the key or field for an unknown ``arch``, a bad config

@@ -1,18 +1,20 @@
-"""Orbax checkpoints: state (params, optimizer, step) + JSON metadata (config, data-iterator state,
-tokenizer manifest).  Restores onto an abstract target carrying the *current* shardings, so a run
-saved on one mesh resumes on another.  A latest checkpoint that fails to restore is skipped with a
-warning (never deleted) and the previous one is used.
+"""Orbax checkpoints of a training run: the state (params, optimizer, step) plus JSON metadata
+(config, data-iterator state, tokenizer manifest).  Restores go onto an abstract target carrying
+the *current* shardings, so a run saved on one mesh resumes on another; a newest checkpoint that
+fails to restore is reported with a warning, kept on disk, and the previous one is used.
 """
 from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Optional
+from typing import Any, Callable, Optional, TypeVar
 
 import jax
 import orbax.checkpoint as ocp
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 class CheckpointError(RuntimeError):
@@ -21,26 +23,30 @@ class CheckpointError(RuntimeError):
 
 def manager(ckpt_dir: str, keep: int = 3, keep_every: Optional[int] = None, async_save: bool = True,
             read_only: bool = False) -> ocp.CheckpointManager:
+    """A manager of ``ckpt_dir`` keeping the last ``keep`` steps (and every ``keep_every``-th)."""
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, keep_period=keep_every, create=not read_only,
                                            enable_async_checkpointing=async_save, read_only=read_only)
     return ocp.CheckpointManager(os.path.abspath(ckpt_dir), options=options)
 
 
-def save(mngr: ocp.CheckpointManager, step: int, state, meta: dict, force: bool = False) -> bool:
+def save(mngr: ocp.CheckpointManager, step: int, state: Any, meta: dict, force: bool = False) -> bool:
+    """Save ``state`` (arrays) and ``meta`` (JSON) as ``step``; False when the manager's policy skips it."""
     return mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
                      force=force)
 
 
-def abstract_like(tree):
+def abstract_like(tree: Any) -> Any:
     """ShapeDtypeStructs carrying each leaf's sharding: the restore target."""
     return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
 
 def restore_meta(mngr: ocp.CheckpointManager, step: int) -> dict:
+    """The JSON metadata of ``step`` (no arrays are read)."""
     return mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
 
-def restore_newest(mngr: ocp.CheckpointManager, restore, step: Optional[int] = None, what: str = "restored"):
+def restore_newest(mngr: ocp.CheckpointManager, restore: Callable[[int], T], step: Optional[int] = None,
+                   what: str = "restored") -> tuple[int, T]:
     """``(step, restore(step))`` for the newest step whose ``restore`` succeeds (or for ``step``).
 
     Steps that fail are reported and left on disk; CheckpointError (one line) when none works or
@@ -68,7 +74,8 @@ def restore_newest(mngr: ocp.CheckpointManager, restore, step: Optional[int] = N
     raise CheckpointError(f"no readable checkpoint in {mngr.directory}: " + ("; ".join(errors) or "none saved"))
 
 
-def restore_latest(mngr: ocp.CheckpointManager, abstract_state, step: Optional[int] = None) -> tuple[int, Any, dict]:
+def restore_latest(mngr: ocp.CheckpointManager, abstract_state: Any,
+                   step: Optional[int] = None) -> tuple[int, Any, dict]:
     """(step, state, meta) of the newest checkpoint that restores (or of ``step``).
 
     Raises CheckpointError when none does.  Broken ones are reported and left on disk.

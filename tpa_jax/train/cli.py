@@ -1,10 +1,14 @@
-"""Command line of ``train.py`` (also the ``tpa-train`` console script)."""
+"""The training command line (``train.py`` and the ``tpa-train`` console script): reads a JSON
+training config plus dotted overrides, initialises multi-process JAX when launched with a
+coordinator, trains, and prints a summary.  Bad input ends with one ``error: ...`` line on stderr
+and exit code 2; a run stopped by a signal exits 0 after saving (rerun the command to resume)."""
 from __future__ import annotations
 
 import argparse
 import logging
 import os
 import sys
+from typing import Optional, Sequence
 
 DEFAULT_CONFIG = "t6-tiny.json"
 
@@ -27,6 +31,7 @@ def _maybe_init_distributed() -> None:
 
 
 def default_config_path() -> str:
+    """``configs/t6-tiny.json`` under the working directory or the repository ('' when neither has it)."""
     here = os.path.dirname(os.path.abspath(__file__))
     for root in (os.getcwd(), os.path.join(here, "..", "..")):
         p = os.path.join(root, "configs", DEFAULT_CONFIG)
@@ -35,7 +40,8 @@ def default_config_path() -> str:
     return ""
 
 
-def main(argv=None) -> int:
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the command line; returns the exit code."""
     parser = argparse.ArgumentParser(description="Train a T6 / TPA model (or a baseline).")
     parser.add_argument("--config", default=None, help="JSON training config (default: configs/t6-tiny.json)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -54,6 +60,7 @@ def main(argv=None) -> int:
         return 2
     _maybe_init_distributed()
     from ..accounting import model_params
+    from .checkpoint import CheckpointError
     from .loop import NonFiniteLossError, train
 
     cfg = tcfg.model
@@ -61,7 +68,7 @@ def main(argv=None) -> int:
           f"params={model_params(cfg):,}; run_dir={tcfg.run_dir}", flush=True)
     try:
         summary = train(tcfg, progress=not args.no_progress)
-    except (ValueError, FileNotFoundError, NonFiniteLossError) as e:
+    except (ValueError, FileNotFoundError, NonFiniteLossError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if summary["interrupted"]:

@@ -1,5 +1,7 @@
-"""The training loop: mesh, sharded state, Grain data, jit step, eval, Orbax checkpoints, resume,
-signals, NaN handling, metrics.  ``train(TrainConfig)`` is what ``train.py`` runs."""
+"""The training loop: builds the mesh and the sharded state, reads Grain batches, runs the jitted
+train step, evaluates, writes metrics, saves Orbax checkpoints and resumes from them (on any mesh),
+stops cleanly on SIGTERM / SIGINT, and applies the non-finite-loss policy.  ``train(TrainConfig)``
+is what ``train.py`` runs."""
 from __future__ import annotations
 
 import contextlib
@@ -9,17 +11,16 @@ import math
 import os
 import signal
 import time
-from typing import Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from .. import accounting, parallel
-from ..config import TrainConfig
-from ..data import (check_compatible, eval_batches, is_recall_manifest, load_manifest, load_tokenizer,
-                    make_iterator, resolve_manifest)
+from ..config import ModelConfig, TrainConfig
+from ..data import (Tokenizer, check_compatible, eval_batches, is_recall_manifest, load_tokenizer, make_iterator,
+                    resolve_manifest)
 from ..inference import generate
 from . import checkpoint as ckpt
 from .metrics import MetricsWriter, peak_flops
@@ -36,16 +37,17 @@ class NonFiniteLossError(FloatingPointError):
 class StopFlag:
     """SIGTERM / SIGINT: finish the current step, save, exit cleanly."""
 
-    def __init__(self):
-        self.signal = None
+    def __init__(self) -> None:
+        self.signal: Optional[int] = None
         self.active = False
 
-    def __call__(self, signum, frame):
+    def __call__(self, signum: int, frame: Any) -> None:
         self.signal = signum
         log.warning("received signal %d: stopping after this step and saving a checkpoint", signum)
 
     @contextlib.contextmanager
-    def installed(self):
+    def installed(self) -> Iterator["StopFlag"]:
+        """Handle SIGTERM / SIGINT while inside (main thread only); the old handlers come back after."""
         old = {}
         try:
             for s in (signal.SIGTERM, signal.SIGINT):
@@ -61,7 +63,7 @@ class StopFlag:
             self.active = False
 
 
-def _sample(params, cfg, tokenizer, prompt: str, n_new: int) -> str:
+def _sample(params: Any, cfg: ModelConfig, tokenizer: Tokenizer, prompt: str, n_new: int) -> str:
     """The prompt and its greedy continuation (cached decoding), cut to fit ``max_seq_len``."""
     ids = tokenizer.encode(prompt)[-(cfg.max_seq_len - 1):] or [tokenizer.eot_id or 0]
     n_new = min(n_new, cfg.max_seq_len - len(ids))
@@ -71,7 +73,8 @@ def _sample(params, cfg, tokenizer, prompt: str, n_new: int) -> str:
     return tokenizer.decode(ids + [int(t) for t in out.tokens[0, : int(out.lengths[0])]])
 
 
-def evaluate(eval_fn, params, manifest, tcfg: TrainConfig, batch_shard) -> dict:
+def evaluate(eval_fn: Callable[[Any, dict], Any], params: Any, manifest: dict, tcfg: TrainConfig,
+             batch_shard: jax.sharding.Sharding) -> dict:
     """Validation loss / perplexity; for the recall task ``eval_fn`` is ``make_recall_eval_step``'s
     (a dict with the loss and the recall counts) and the record adds ``val_recall_acc`` (per query)
     and ``val_recall_exact`` (per example)."""
@@ -94,7 +97,8 @@ def evaluate(eval_fn, params, manifest, tcfg: TrainConfig, batch_shard) -> dict:
     return rec
 
 
-def train(tcfg: TrainConfig, *, devices=None, progress: bool = True, stop_at_step: Optional[int] = None) -> dict:
+def train(tcfg: TrainConfig, *, devices: Optional[Sequence[jax.Device]] = None, progress: bool = True,
+          stop_at_step: Optional[int] = None) -> dict:
     """Train (or resume) the run in ``tcfg.run_dir``; returns a summary dict.
 
     ``stop_at_step`` simulates a SIGTERM arriving during that step (used by tests).
@@ -164,7 +168,7 @@ def train(tcfg: TrainConfig, *, devices=None, progress: bool = True, stop_at_ste
 
         bar = tqdm(total=tcfg.steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
 
-    def flush(t_now):
+    def flush():
         """Fetch pending per-step metrics, check them, write them."""
         nonlocal pending
         if not pending:
@@ -190,7 +194,7 @@ def train(tcfg: TrainConfig, *, devices=None, progress: bool = True, stop_at_ste
 
     def save(s, force=False):
         nonlocal last_good
-        flush(time.time())  # never save a non-finite state under nan_policy="stop"
+        flush()  # never save a non-finite state under nan_policy="stop"
         ckpt.save(mngr, s, state, meta_at(s), force=force)
         last_good = s
 
@@ -222,9 +226,9 @@ def train(tcfg: TrainConfig, *, devices=None, progress: bool = True, stop_at_ste
                 if bar is not None:
                     bar.update(1)
                 if step % tcfg.log_every == 0:
-                    flush(now)
+                    flush()
                 if step % tcfg.eval_every == 0 and step < tcfg.steps:
-                    flush(now)
+                    flush()
                     rec = {"step": step, **evaluate(eval_fn, state["params"], manifest, tcfg, eval_sh)}
                     writer.write(rec)
                     if bar is not None:
@@ -235,7 +239,7 @@ def train(tcfg: TrainConfig, *, devices=None, progress: bool = True, stop_at_ste
                 if stop.signal is not None:
                     save(step, force=True)
                     break
-            flush(time.time())
+            flush()
             if step >= tcfg.steps and step not in mngr.all_steps():
                 save(step, force=True)
             mngr.wait_until_finished()

@@ -1,20 +1,24 @@
-"""Peak FLOP/s per accelerator (for MFU) and the metrics writers (JSONL + TensorBoard)."""
+"""Training metrics: the writer that appends one JSON record per line to a run's
+``metrics.jsonl`` (scalars mirrored to TensorBoard), ``read_metrics`` to read them back, and the
+dense bf16 peak FLOP/s per accelerator chip that model-FLOPs utilisation (MFU) is measured against."""
 from __future__ import annotations
 
 import json
 import os
-from typing import Optional
+from typing import Any, Optional
 
 import jax
 
-# dense bf16 peak per chip
+# dense bf16 peak per chip, matched as substrings of the lower-cased ``device_kind`` in this order
+# (v5p chips report "TPU v5", v5e chips "TPU v5 lite")
 PEAK_FLOPS = [
-    ("v6", 918e12), ("v5p", 459e12), ("v5 lite", 197e12), ("v5e", 197e12), ("v4", 275e12),
+    ("v6", 918e12), ("v5p", 459e12), ("v5 lite", 197e12), ("v5e", 197e12), ("tpu v5", 459e12), ("v4", 275e12),
     ("h200", 989e12), ("h100", 989e12), ("a100", 312e12),
 ]
 
 
-def peak_flops(device=None) -> Optional[float]:
+def peak_flops(device: Any = None) -> Optional[float]:
+    """Peak FLOP/s of ``device`` (default: the first device); None on CPU and unknown chips."""
     device = device or jax.devices()[0]
     if device.platform == "cpu":
         return None
@@ -61,5 +65,6 @@ class MetricsWriter:
 
 
 def read_metrics(run_dir: str) -> list[dict]:
+    """The records of ``run_dir``'s ``metrics.jsonl``, in the order they were written."""
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f if line.strip()]

@@ -1,7 +1,9 @@
-"""AdamW with warmup + cosine schedule, weight decay on >= 2-D weights only, global-norm clipping."""
+"""The optimizer: AdamW with a linear-warmup + cosine-decay learning rate, decoupled weight decay
+on weights that are at least 2-D per layer (not on norm scales), and global-norm gradient clipping."""
 from __future__ import annotations
 
 import math
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +12,7 @@ import optax
 from ..config import OptimConfig
 
 
-def lr_schedule(o: OptimConfig, total_steps: int):
+def lr_schedule(o: OptimConfig, total_steps: int) -> Callable[[Any], jax.Array]:
     """Linear warmup from lr/(warmup+1) to lr (nanoGPT: the first update is not a no-op), then cosine
     decay to min_lr at ``total_steps``."""
     warmup = min(o.warmup_steps, max(total_steps - 1, 0))
@@ -26,7 +28,7 @@ def lr_schedule(o: OptimConfig, total_steps: int):
     return schedule
 
 
-def decay_mask(params):
+def decay_mask(params: Any) -> Any:
     """True for weights that are >= 2-D per layer (layer-stacked leaves under 'blocks' lose one dim)."""
 
     def is_matrix(path, x):
@@ -37,6 +39,7 @@ def decay_mask(params):
 
 
 def make_optimizer(o: OptimConfig, total_steps: int) -> optax.GradientTransformation:
+    """Clipping (when ``o.grad_clip > 0``) then AdamW with ``lr_schedule`` and ``decay_mask``."""
     parts = []
     if o.grad_clip > 0:
         parts.append(optax.clip_by_global_norm(o.grad_clip))

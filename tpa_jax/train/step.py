@@ -1,25 +1,32 @@
-"""The train step (gradient accumulation inside), the eval steps and the sharded initial state.
-
-All three are built from the model's one entry point (``tpa_jax.model.loss_fn`` / ``logits_fn`` /
-``init_params``); the training loop jits them with its shardings."""
+"""The train step (gradient accumulation and the non-finite skip policy inside), the eval steps
+(loss; loss plus recall counts) and the sharded initial state.  All are built from the model's one
+entry point (``tpa_jax.model.loss_fn`` / ``logits_fn`` / ``init_params``) and returned unjitted:
+the training loop jits them with its shardings."""
 from __future__ import annotations
+
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import optax
-
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ..config import ModelConfig, TrainConfig
 from ..data.recall import recall_counts
 from ..model import cross_entropy, init_params, logits_fn, loss_fn
 
+State = dict  # {"step": int32 scalar, "params": pytree, "opt_state": optax state}
+Batch = dict  # {"inputs": int32 [B, T], "targets": int32 [B, T]}
 
-def make_train_step(tcfg: TrainConfig, tx: optax.GradientTransformation, schedule):
-    """state = {"step", "params", "opt_state"}; batch = {"inputs", "targets"} of [global_batch, T].
 
-    The batch is split into ``accum_steps`` micro-batches whose gradients are averaged inside one
-    ``lax.scan``, so k micro-steps of b equal one step of k*b.
+def make_train_step(tcfg: TrainConfig, tx: optax.GradientTransformation,
+                    schedule: Callable[[Any], jax.Array]) -> Callable[[State, Batch], tuple[State, dict]]:
+    """``(state, batch) -> (state, metrics)`` with metrics {"loss", "grad_norm", "lr", "finite"}.
+
+    The global batch is split into ``accum_steps`` micro-batches whose gradients are averaged inside
+    one ``lax.scan``, so k micro-steps of b equal one step of k*b.  Under ``nan_policy="skip"`` an
+    update whose loss or gradient norm is not finite is dropped (params and optimizer state kept);
+    the step counter advances either way.
     """
     accum = tcfg.optim.accum_steps
     skip_nonfinite = tcfg.nan_policy == "skip"
@@ -54,7 +61,7 @@ def make_train_step(tcfg: TrainConfig, tx: optax.GradientTransformation, schedul
     return step
 
 
-def make_eval_step(cfg: ModelConfig):
+def make_eval_step(cfg: ModelConfig) -> Callable[[Any, Batch], jax.Array]:
     """``(params, batch) -> mean loss`` (to be jitted)."""
     loss = loss_fn(cfg)
 
@@ -64,7 +71,7 @@ def make_eval_step(cfg: ModelConfig):
     return eval_step
 
 
-def make_recall_eval_step(cfg: ModelConfig):
+def make_recall_eval_step(cfg: ModelConfig) -> Callable[[Any, Batch], dict]:
     """``(params, batch) -> {"loss", "correct", "total", "all_correct", "examples"}`` (to be jitted):
     the loss and the counts behind ``tpa_jax.data.recall.recall_accuracy``."""
     logits_of = logits_fn(cfg)
@@ -77,7 +84,7 @@ def make_recall_eval_step(cfg: ModelConfig):
     return eval_step
 
 
-def init_state(tcfg: TrainConfig, mesh, tx: optax.GradientTransformation):
+def init_state(tcfg: TrainConfig, mesh: Mesh, tx: optax.GradientTransformation) -> tuple[State, Any]:
     """(state, state shardings): params initialised sharded on ``mesh``; the optimizer moments
     inherit the params' shardings, scalar counters are replicated."""
     params = init_params(tcfg.model, jax.random.key(tcfg.seed), mesh)

@@ -1,0 +1,50 @@
+"""The training command line: a run through ``train.py`` trains, saves and writes its config;
+bad input ends with exit code 2 and one ``error:`` line on stderr."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tpa_jax.train import checkpoint as ckpt
+from tpa_jax.train.cli import default_config_path, main
+
+from _util import ROOT
+
+
+def test_cli_trains_saves_and_writes_config(tmp_path, corpus):
+    run = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "train.py"), "--no-progress", f"run_dir={run}", "steps=4",
+         "batch_size=4", "data.source=manifest", f"data.path={corpus}", "data.seq_len=32", "sample_tokens=8",
+         "eval_batches=1"],
+        capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "val_loss" in proc.stdout and "sample (greedy)" in proc.stdout
+    saved = json.load(open(run / "config.json"))
+    assert saved["steps"] == 4 and saved["model"]["attention"] == "tpa"
+    meta = ckpt.restore_meta(ckpt.manager(run / "checkpoints", read_only=True), 4)
+    assert meta["config"]["steps"] == 4 and meta["tokenizer"]["name"] == "byte"
+    bad = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "data.seq_len=100000"],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert bad.returncode == 2 and "seq_len" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["stepz=3"], "unknown field"),
+    (["optim.lr=-1"], "OptimConfig.lr"),
+    (["--config", "/nonexistent/train.json"], "does not exist"),
+    (["data.source=manifest", "data.path=/nonexistent/shards", "run_dir={tmp}"], "no token manifest"),
+])
+def test_bad_input_is_one_error_line_and_exit_code_2(argv, match, tmp_path, capsys):
+    """Config errors before anything runs, a missing manifest before anything is compiled."""
+    assert main([a.format(tmp=tmp_path / "run") for a in argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and match in err and "\n" not in err
+
+
+def test_default_config_is_the_tiny_t6():
+    path = default_config_path()
+    assert path.endswith(os.path.join("configs", "t6-tiny.json")) and os.path.isfile(path)
+    assert json.load(open(path))["model"] == "t6-tiny"
