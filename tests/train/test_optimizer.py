@@ -63,7 +63,7 @@ def test_one_update_is_clipped_adamw_with_masked_decay(clip):
               "embed": {"embedding": rng.normal(size=(5, 4))}}
     grads = jax.tree.map(lambda p: 3.0 * rng.normal(size=p.shape), params)
     params, grads = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), (params, grads))
-    updates, _ = tx.update(grads, tx.init(params), params)
+    updates, _ = jax.jit(tx.update)(grads, jax.jit(tx.init)(params), params)
 
     norm = math.sqrt(sum(float(np.sum(np.asarray(g, np.float64) ** 2)) for g in jax.tree.leaves(grads)))
     assert norm > 1.0  # the clip binds

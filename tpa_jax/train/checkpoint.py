@@ -7,22 +7,22 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Callable, Optional, TypeVar
+from typing import Any, Callable, Optional, TypeVar, Union
 
 import jax
 import orbax.checkpoint as ocp
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
+_T = TypeVar("_T")
 
 
 class CheckpointError(RuntimeError):
     """No usable checkpoint where one was expected."""
 
 
-def manager(ckpt_dir: str, keep: int = 3, keep_every: Optional[int] = None, async_save: bool = True,
-            read_only: bool = False) -> ocp.CheckpointManager:
+def manager(ckpt_dir: Union[str, os.PathLike], keep: int = 3, keep_every: Optional[int] = None,
+            async_save: bool = True, read_only: bool = False) -> ocp.CheckpointManager:
     """A manager of ``ckpt_dir`` keeping the last ``keep`` steps (and every ``keep_every``-th)."""
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, keep_period=keep_every, create=not read_only,
                                            enable_async_checkpointing=async_save, read_only=read_only)
@@ -45,8 +45,8 @@ def restore_meta(mngr: ocp.CheckpointManager, step: int) -> dict:
     return mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
 
-def restore_newest(mngr: ocp.CheckpointManager, restore: Callable[[int], T], step: Optional[int] = None,
-                   what: str = "restored") -> tuple[int, T]:
+def restore_newest(mngr: ocp.CheckpointManager, restore: Callable[[int], _T], step: Optional[int] = None,
+                   what: str = "restored") -> tuple[int, _T]:
     """``(step, restore(step))`` for the newest step whose ``restore`` succeeds (or for ``step``).
 
     Steps that fail are reported and left on disk; CheckpointError (one line) when none works or
