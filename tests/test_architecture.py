@@ -265,3 +265,16 @@ def test_import_tpa_jax_is_light():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT,
                           env=env)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
+
+
+MAX_LINES = 400  # a file longer than this is split by responsibility
+
+
+def test_no_source_file_over_the_line_limit():
+    long = []
+    for folder in ("tpa_jax", "tests", "bench"):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            n = len(path.read_text().splitlines())
+            if n > MAX_LINES:
+                long.append(f"{path.relative_to(ROOT)}: {n} lines")
+    assert not long, f"files over {MAX_LINES} lines: " + "; ".join(long)
