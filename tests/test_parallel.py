@@ -14,6 +14,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 import tpa_jax
 from tpa_jax import configs, parallel
 
+from _util import cfg_of
+
 # The rule table, restated independently: logical axis -> the one mesh axis it may use on params.
 PARAM_AXIS = {"embed": "fsdp", "heads": "tensor", "kv_heads": "tensor", "mlp": "tensor", "vocab": "tensor"}
 MESHES = {"2x2x2": (2, 2, 2), "1x1x8": (1, 1, 8)}
@@ -68,18 +70,33 @@ def test_make_mesh_on_a_subset_of_devices():
 def test_rule_table_has_every_logical_axis_once():
     names = [n for n, _ in parallel.LOGICAL_AXIS_RULES]
     assert len(names) == len(set(names))
-    assert set(names) == {"batch", "seq", "embed", "heads", "kv_heads", "head_dim", "rank", "mlp", "vocab",
-                          "layers", "latent", "cache_seq"}
+    assert set(names) == {"batch", "length", "embed", "heads", "kv_heads", "head_dim", "value_dim", "factor_dim",
+                          "rank", "latent", "rope_dim", "mlp", "vocab", "layers", "cache_length"}
     # the table is in flax's format too
     with nn.logical_axis_rules(parallel.LOGICAL_AXIS_RULES):
-        assert nn.logical_to_mesh_axes(("batch", "seq", "heads")) == PartitionSpec(("data", "fsdp"), None, "tensor")
+        assert nn.logical_to_mesh_axes(("batch", "length", "heads")) == PartitionSpec(("data", "fsdp"), None, "tensor")
+
+
+def test_every_annotation_names_a_rule():
+    """Every logical axis a parameter (any mechanism, any variant) or a decode cache carries has a
+    rule, so nothing falls back to the "no rule" replication silently."""
+    names = {n for n, _ in parallel.LOGICAL_AXIS_RULES}
+    is_axes = lambda x: isinstance(x, tuple)
+    for variant in ("tpa", "tpa_nonctx_a", "tpa_nonctx_b", "tpa_order3", "tpa_kvonly_outnorm_weighted", "gqa", "mla"):
+        cfg = cfg_of(variant)
+        boxed = jax.eval_shape(tpa_jax.Transformer(cfg).init, jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
+        axes = jax.tree.leaves(parallel.logical_axes_of(boxed), is_leaf=is_axes)
+        assert len(axes) == len(jax.tree.leaves(parallel.unbox(boxed))) > 0  # every parameter is annotated
+        cache_axes = jax.tree.leaves(tpa_jax.inference.cache_logical_axes(cfg), is_leaf=is_axes)
+        used = {a for t in axes + cache_axes for a in t}
+        assert used <= names, (variant, used - names)
 
 
 def test_spec_divisible_dims_are_sharded():
     mesh = mesh_of((2, 2, 2))
     spec = parallel.logical_to_spec(("layers", "embed", "rank", "heads"), (12, 768, 6, 34), mesh)
     assert padded(spec, 4) == (None, "fsdp", None, "tensor")
-    assert parallel.logical_to_spec(("batch", "seq"), (8, 16), mesh) == PartitionSpec(("data", "fsdp"))
+    assert parallel.logical_to_spec(("batch", "length"), (8, 16), mesh) == PartitionSpec(("data", "fsdp"))
 
 
 @pytest.mark.parametrize("tensor", [4, 8])
@@ -96,14 +113,14 @@ def test_spec_indivisible_heads_fall_back_to_replicated(tensor):
 def test_spec_partial_fallback_and_no_mesh_axis_twice():
     mesh = mesh_of((2, 4, 1))
     # batch -> (data, fsdp) = 8: a batch of 4 keeps the largest dividing subset (fsdp = 4), 2 -> data
-    assert padded(parallel.logical_to_spec(("batch", "seq"), (4, 3), mesh), 2) == ("fsdp", None)
-    assert padded(parallel.logical_to_spec(("batch", "seq"), (2, 3), mesh), 2) == ("data", None)
-    assert padded(parallel.logical_to_spec(("batch", "seq"), (3, 3), mesh), 2) == (None, None)
+    assert padded(parallel.logical_to_spec(("batch", "length"), (4, 3), mesh), 2) == ("fsdp", None)
+    assert padded(parallel.logical_to_spec(("batch", "length"), (2, 3), mesh), 2) == ("data", None)
+    assert padded(parallel.logical_to_spec(("batch", "length"), (3, 3), mesh), 2) == (None, None)
     # activations [B, T, M]: batch takes fsdp first, embed may not reuse it
-    spec = parallel.logical_to_spec(("batch", "seq", "embed"), (8, 4, 64), mesh)
+    spec = parallel.logical_to_spec(("batch", "length", "embed"), (8, 4, 64), mesh)
     assert padded(spec, 3) == (("data", "fsdp"), None, None)
     # ... but when batch cannot use fsdp, embed can
-    spec = parallel.logical_to_spec(("batch", "seq", "embed"), (2, 4, 64), mesh)
+    spec = parallel.logical_to_spec(("batch", "length", "embed"), (2, 4, 64), mesh)
     assert padded(spec, 3) == ("data", None, "fsdp")
 
 

@@ -16,9 +16,11 @@ Two parameter counts exist for one attention layer:
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 from .config import ModelConfig
+from .model.attention import cache_spec
 
 __all__ = [
     "attention_params", "attention_params_table1", "attention_norm_params", "kv_cache_per_token",
@@ -222,20 +224,11 @@ def kv_cache_per_token(cfg: ModelConfig) -> int:
       which the position alone determines).
     * Third order: ``(R_K + R_V)(h + d_b + d_c)`` (A, B and C factors, App. C).
 
-    Combinations follow the same rule: cache every contextual factor of K and V once.
+    Combinations follow the same rule: cache every contextual factor of K and V once.  The
+    count is read off the cache layout the attention family declares (``cache_spec``), which is
+    also what ``tpa_jax.inference.init_cache`` allocates.
     """
-    a = cfg.attention
-    if a == "mha":
-        return 2 * cfg.n_head * cfg.head_dim
-    if a in ("mqa", "gqa"):
-        return 2 * cfg.kv_heads * cfg.head_dim
-    if a == "mla":
-        return cfg.kv_lora_rank + cfg.rope_head_dim
-    ranks = {"k": cfg.k_rank, "v": cfg.v_rank}
-    n = sum(ranks.values()) * cfg.n_head if cfg.contextual_a else 0
-    b_owners = ["k"] if cfg.shared_kv_b else ["k", "v"]
-    b_len = (cfg.b_dim if cfg.contextual_b else 0) + (cfg.tpa_c_dim if cfg.tpa_order == 3 else 0)
-    return n + sum(ranks[t] for t in b_owners) * b_len
+    return sum(math.prod(leaf.shape) for leaf in cache_spec(cfg).values())
 
 
 # ---------------------------------------------------------------------------------------------

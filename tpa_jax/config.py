@@ -40,9 +40,11 @@ def _positive_int(name: str, value: Any, minimum: int = 1) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Architecture of a T6 (TPA) model or one of the paper's baselines.
+    """Architecture of a T6 (TPA) model or one of the paper's baselines: every size, mechanism,
+    TPA variant, dtype and decode option, validated on construction.
 
-    Field names of the public API (DESIGN.md) are fixed; the rest are documented inline.
+    The fields are public API (configs, checkpoints and the command lines name them); each is
+    documented inline.  Derived sizes are properties (``kv_heads``, ``value_dim``, ``b_dim`` ...).
     """
 
     vocab_size: int = 256
@@ -86,7 +88,8 @@ class ModelConfig:
     remat_policy: str = "none"  # "none" | "full" | "dots" | "dots_no_batch"
     # --- cached decoding ---
     # How one-token decode steps read the cache: "flash" (FlashTPA, Alg. 2, in jnp; MLA scores in
-    # the latent space), "pallas" (the Pallas FlashTPA kernel for TPA on GPU/TPU; jnp elsewhere),
+    # the latent space; MHA/MQA/GQA always read K and V), "pallas" (the Pallas FlashTPA kernel,
+    # attention="tpa" only; run by the Pallas interpreter when jax's default backend is the CPU),
     # "materialize" (rebuild K and V from the cache: the slow reference).
     decode_impl: str = "flash"
     decode_block_size: int = 512  # cache rows per online-softmax block
@@ -114,6 +117,9 @@ class ModelConfig:
             _positive_int("mlp_hidden", self.mlp_hidden)
         if self.decode_impl not in DECODE_IMPLS:
             raise _err("decode_impl", f"one of {DECODE_IMPLS}", self.decode_impl)
+        if self.decode_impl == "pallas" and self.attention != "tpa":
+            raise _err("decode_impl", f"'flash' or 'materialize' for attention={self.attention!r} "
+                       "(the Pallas kernel covers attention='tpa' only)", self.decode_impl)
         _positive_int("decode_block_size", self.decode_block_size)
         if self.attention != "mla" and self.head_dim % 2:
             raise _err("head_dim", "an even number (RoPE rotates pairs)", self.head_dim)

@@ -1,4 +1,5 @@
-"""Device mesh, the logical-axis rule table, and shardings for parameters and batches.
+"""Device meshes, the logical-axis rule table, and shardings for parameters, batches and any
+pytree with logical axes (decode caches).
 
     mesh = tpa_jax.parallel.make_mesh(data=1, fsdp=-1, tensor=2)     # -1: all remaining devices
     params = tpa_jax.parallel.shard_params(model, cfg, mesh, jax.random.key(0), tokens)
@@ -23,12 +24,14 @@ import contextlib
 import itertools
 import logging
 import math
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from .config import ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -42,15 +45,20 @@ MESH_AXES = ("data", "fsdp", "tensor")
 #  * heads / kv_heads / mlp / vocab -> tensor: Megatron column/row split of the attention heads,
 #    the SwiGLU hidden width and the vocabulary of the tied embedding/head.  Head counts that do
 #    not divide (34 heads on tensor=4) fall back to replicated; embed keeps its fsdp shard.
-#  * head_dim, rank -> None: tiny (64; R = 2..6), and contraction axes of the per-token factor
-#    products, so sharding them would add an all-reduce per einsum for no memory gain.
+#  * head_dim (D), value_dim (E), factor_dim (a TPA B or c factor's feature axis), rank, rope_dim
+#    (MLA's d^R_h) -> None: tiny (64; R = 2..6; 32), and contraction axes of the per-token factor
+#    products and attention scores, so sharding them would add an all-reduce per einsum for no
+#    memory gain.
 #  * latent -> None: MLA's d_c / d'_c is the contraction axis of the up-projections (latent,
 #    heads, head_dim); sharding it would take `tensor` away from `heads` (first dim wins) and turn
 #    column-parallel matmuls into row-parallel ones with an all-reduce of [B, T, H, D].
 #  * layers -> None: nn.scan slices one layer per step; sharding the stacked axis would make each
 #    step fetch a whole layer from one device (a pipeline without a schedule).
-#  * seq / cache_seq -> None: no sequence/context parallelism (causal softmax is per device).
-LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
+#  * length / cache_length -> None: no sequence/context parallelism (causal softmax is per device);
+#    length is the sequence axis of activations and token batches, cache_length a decode cache's.
+Rules = tuple[tuple[str, Any], ...]  # ((logical axis, mesh axis | tuple of mesh axes | None), ...)
+
+LOGICAL_AXIS_RULES: Rules = (
     ("batch", ("data", "fsdp")),
     ("embed", "fsdp"),
     ("heads", "tensor"),
@@ -58,11 +66,14 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("mlp", "tensor"),
     ("vocab", "tensor"),
     ("head_dim", None),
+    ("value_dim", None),
+    ("factor_dim", None),
     ("rank", None),
     ("latent", None),
+    ("rope_dim", None),
     ("layers", None),
-    ("seq", None),
-    ("cache_seq", None),
+    ("length", None),
+    ("cache_length", None),
 )
 
 _LOGGED: set[str] = set()  # fallback messages already logged (each is logged once per process)
@@ -105,7 +116,7 @@ def mesh_from_config(mesh_cfg: Any, devices: Optional[Sequence] = None) -> Mesh:
 
 
 # ---------------------------------------------------------------------------------------------- rules
-def _rule(name: str, rules) -> tuple[str, ...]:
+def _rule(name: str, rules: Rules) -> tuple[str, ...]:
     for logical, mesh_axes in rules:
         if logical == name:
             if mesh_axes is None:
@@ -115,7 +126,7 @@ def _rule(name: str, rules) -> tuple[str, ...]:
     return ()
 
 
-def _best_subset(axes: tuple[str, ...], size: int, mesh_shape) -> tuple[str, ...]:
+def _best_subset(axes: tuple[str, ...], size: int, mesh_shape: Mapping[str, int]) -> tuple[str, ...]:
     """Order-preserving subset of ``axes`` with the largest size product dividing ``size``."""
     best, best_prod = (), 1
     for k in range(len(axes), 0, -1):
@@ -127,7 +138,7 @@ def _best_subset(axes: tuple[str, ...], size: int, mesh_shape) -> tuple[str, ...
 
 
 def logical_to_spec(logical_axes: Optional[Sequence[Optional[str]]], shape: Sequence[int], mesh: Mesh,
-                    rules=LOGICAL_AXIS_RULES) -> PartitionSpec:
+                    rules: Rules = LOGICAL_AXIS_RULES) -> PartitionSpec:
     """PartitionSpec for an array of ``shape`` whose dimensions carry ``logical_axes`` (see module doc)."""
     shape = tuple(int(s) for s in shape)
     if logical_axes is None:
@@ -163,34 +174,34 @@ def logical_to_spec(logical_axes: Optional[Sequence[Optional[str]]], shape: Sequ
 
 
 def logical_to_sharding(logical_axes: Optional[Sequence[Optional[str]]], shape: Sequence[int], mesh: Mesh,
-                        rules=LOGICAL_AXIS_RULES) -> NamedSharding:
+                        rules: Rules = LOGICAL_AXIS_RULES) -> NamedSharding:
     """NamedSharding for ``shape`` with the divisibility fallback (see module doc)."""
     return NamedSharding(mesh, logical_to_spec(logical_axes, shape, mesh, rules))
 
 
 # ---------------------------------------------------------------------------------------------- params
-def _is_box(x) -> bool:
+def _is_box(x: Any) -> bool:
     return isinstance(x, nn.LogicallyPartitioned)
 
 
-def logical_axes_of(params_boxed) -> Any:
+def logical_axes_of(params_boxed: Any) -> Any:
     """Pytree (unboxed structure) of each parameter's logical axis names (None when unannotated)."""
     return jax.tree.map(lambda b: tuple(b.names) if _is_box(b) else None, params_boxed, is_leaf=_is_box)
 
 
-def unbox(params_boxed) -> Any:
+def unbox(params_boxed: Any) -> Any:
     """Strip LogicallyPartitioned boxes without applying sharding constraints."""
     return jax.tree.map(lambda b: b.value if _is_box(b) else b, params_boxed, is_leaf=_is_box)
 
 
-def param_shardings(boxed_or_abstract_params, mesh: Mesh, rules=LOGICAL_AXIS_RULES) -> Any:
+def param_shardings(boxed_or_abstract_params: Any, mesh: Mesh, rules: Rules = LOGICAL_AXIS_RULES) -> Any:
     """NamedSharding per parameter, for params from ``model.init`` or ``jax.eval_shape(model.init, ...)``.
 
     The result has the unboxed structure (that of ``nn.meta.unbox(params)``).  Leaves without a
     LogicallyPartitioned box are replicated.
     """
 
-    def one(x):
+    def one(x: Any) -> NamedSharding:
         if _is_box(x):
             return logical_to_sharding(x.names, x.value.shape, mesh, rules)
         return NamedSharding(mesh, PartitionSpec())
@@ -198,7 +209,8 @@ def param_shardings(boxed_or_abstract_params, mesh: Mesh, rules=LOGICAL_AXIS_RUL
     return jax.tree.map(one, boxed_or_abstract_params, is_leaf=_is_box)
 
 
-def shard_params(model: nn.Module, cfg, mesh: Mesh, rng, example_tokens=None, rules=LOGICAL_AXIS_RULES) -> Any:
+def shard_params(model: nn.Module, cfg: ModelConfig, mesh: Mesh, rng: jax.Array,
+                 example_tokens: Optional[jax.Array] = None, rules: Rules = LOGICAL_AXIS_RULES) -> Any:
     """Initialise ``model``'s params directly sharded on ``mesh`` (no host copy); returns them unboxed.
 
     ``example_tokens`` only fixes shapes; by default a [1, min(8, max_seq_len)] batch of zeros.
@@ -207,7 +219,7 @@ def shard_params(model: nn.Module, cfg, mesh: Mesh, rng, example_tokens=None, ru
         example_tokens = jnp.zeros((1, min(8, cfg.max_seq_len)), jnp.int32)
     example_tokens = jax.ShapeDtypeStruct(tuple(example_tokens.shape), jnp.int32)
 
-    def init(key):
+    def init(key: jax.Array) -> Any:
         return model.init(key, jnp.zeros(example_tokens.shape, example_tokens.dtype))["params"]
 
     abstract = jax.eval_shape(init, rng)
@@ -215,7 +227,7 @@ def shard_params(model: nn.Module, cfg, mesh: Mesh, rng, example_tokens=None, ru
     return jax.jit(lambda key: unbox(init(key)), out_shardings=shardings)(rng)
 
 
-def batch_sharding(mesh: Mesh, batch_size: Optional[int] = None, rules=LOGICAL_AXIS_RULES) -> NamedSharding:
+def batch_sharding(mesh: Mesh, batch_size: Optional[int] = None, rules: Rules = LOGICAL_AXIS_RULES) -> NamedSharding:
     """Sharding of [B, T] token batches: B over the batch rule's mesh axes, T replicated.
 
     With ``batch_size`` given, the divisibility fallback applies (e.g. batch 2 on data=2, fsdp=4).
@@ -225,10 +237,10 @@ def batch_sharding(mesh: Mesh, batch_size: Optional[int] = None, rules=LOGICAL_A
         if not axes:
             return NamedSharding(mesh, PartitionSpec())
         return NamedSharding(mesh, PartitionSpec(axes[0] if len(axes) == 1 else axes))
-    return logical_to_sharding(("batch", "seq"), (batch_size, 1), mesh, rules)
+    return logical_to_sharding(("batch", "length"), (batch_size, 1), mesh, rules)
 
 
-def tree_shardings(logical_axes_tree, abstract_tree, mesh: Mesh, rules=LOGICAL_AXIS_RULES) -> Any:
+def tree_shardings(logical_axes_tree: Any, abstract_tree: Any, mesh: Mesh, rules: Rules = LOGICAL_AXIS_RULES) -> Any:
     """NamedShardings for any pytree (e.g. a decode cache) given its logical-axes tree (tuples as
     leaves) and a matching tree of arrays / ShapeDtypeStructs."""
     is_axes = lambda x: x is None or (isinstance(x, tuple) and all(a is None or isinstance(a, str) for a in x))
@@ -242,7 +254,7 @@ __all__ = ["MESH_AXES", "LOGICAL_AXIS_RULES", "make_mesh", "mesh_from_config", "
 
 
 @contextlib.contextmanager
-def mesh_context(mesh: Mesh):
+def mesh_context(mesh: Mesh) -> Iterator[None]:
     """Make ``mesh`` the ambient mesh (``jax.set_mesh``; ``with mesh`` on older jax)."""
     if hasattr(jax, "set_mesh"):
         with jax.set_mesh(mesh):

@@ -1,10 +1,13 @@
-"""Decode caches, one pytree per mechanism, pre-allocated to ``max_len`` with a length per sequence.
+"""Decode caches: one pytree per model, pre-allocated to ``max_len`` with a length per sequence,
+laid out by the attention family's ``cache_spec`` (the one description of what is cached), with
+its logical axes, measured size and shardings.
 
     cache = init_cache(cfg, batch_size, max_len)
     logits, cache = model.apply({"params": params}, prompt, cache=cache)      # prefill
     logits, cache = model.apply({"params": params}, next_token, cache=cache)  # decode, one token
 
-``cache = {"lengths": int32 [B], "layers": {name: [L, B, S, ...]}}`` with, per layer and token:
+``cache = {"lengths": int32 [B], "layers": {name: [L, B, S, *per-token shape]}}`` with, per layer
+and token (``tpa_jax.model.attention.cache_spec``):
 
 * TPA / TPA-KVonly: A_K [R_K, h], B~_K [R_K, d_h] (after RoPE, eq. 3.5), A_V [R_V, h], B_V [R_V, d_h]
   -- never K or V.  Variants store only their contextual factors (non-contextual A: B's only;
@@ -15,56 +18,42 @@
 from __future__ import annotations
 
 import math
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
 
 from .. import parallel
 from ..config import ModelConfig
+from ..model.attention import CacheLeaf, cache_spec
+
+Cache = dict[str, Any]  # {"lengths": [B], "layers": {name: [L, B, S, ...]}}
 
 
-def cache_layout(cfg: ModelConfig) -> dict:
+def cache_layout(cfg: ModelConfig) -> dict[str, CacheLeaf]:
     """{leaf name: (per-token shape, logical axes of that shape)} for one layer."""
-    h, db, rk, rv = cfg.n_head, cfg.b_dim, cfg.k_rank, cfg.v_rank
-    if cfg.attention == "mla":
-        return {"c_kv": ((cfg.kv_lora_rank,), ("latent",)), "k_r": ((cfg.rope_head_dim,), ("head_dim",))}
-    if not cfg.is_tpa:
-        shape = (cfg.kv_heads, cfg.head_dim)
-        return {"k": (shape, ("kv_heads", "head_dim")), "v": (shape, ("kv_heads", "head_dim"))}
-    out = {}
-    if cfg.contextual_a:
-        out["a_k"] = ((rk, h), ("rank", "heads"))
-        out["a_v"] = ((rv, h), ("rank", "heads"))
-    if cfg.contextual_b:
-        if cfg.shared_kv_b:
-            out["b_kv"] = ((rk, db), ("rank", "head_dim"))
-        else:
-            out["b_k"] = ((rk, db), ("rank", "head_dim"))
-            out["b_v"] = ((rv, db), ("rank", "head_dim"))
-    if cfg.tpa_order == 3:
-        out["c_k"] = ((rk, cfg.tpa_c_dim), ("rank", "head_dim"))
-        out["c_v"] = ((rv, cfg.tpa_c_dim), ("rank", "head_dim"))
-    return out
+    return cache_spec(cfg)
 
 
-def cache_logical_axes(cfg: ModelConfig) -> dict:
+def cache_logical_axes(cfg: ModelConfig) -> dict[str, Any]:
+    """The logical axes of every leaf of ``init_cache(cfg, ...)``, as a matching pytree of tuples."""
     return {"lengths": ("batch",),
-            "layers": {k: ("layers", "batch", "cache_seq") + axes for k, (_, axes) in cache_layout(cfg).items()}}
+            "layers": {name: ("layers", "batch", "cache_length") + leaf.axes for name, leaf in cache_spec(cfg).items()}}
 
 
-def init_cache(cfg: ModelConfig, batch_size: int, max_len: int, dtype=None) -> dict:
+def init_cache(cfg: ModelConfig, batch_size: int, max_len: int, dtype: Optional[str | jnp.dtype] = None) -> Cache:
     """An empty cache (all lengths 0) in ``dtype`` (default: the compute dtype)."""
     if batch_size < 1 or max_len < 1:
         raise ValueError(f"init_cache: batch_size and max_len must be >= 1, got {batch_size}, {max_len}")
     if max_len > cfg.max_seq_len:
         raise ValueError(f"init_cache: max_len={max_len} exceeds the model's max_seq_len={cfg.max_seq_len}")
     dtype = jnp.dtype(dtype or cfg.compute_dtype)
-    layers = {k: jnp.zeros((cfg.n_layer, batch_size, max_len) + shape, dtype)
-              for k, (shape, _) in cache_layout(cfg).items()}
+    layers = {name: jnp.zeros((cfg.n_layer, batch_size, max_len) + leaf.shape, dtype)
+              for name, leaf in cache_spec(cfg).items()}
     return {"lengths": jnp.zeros((batch_size,), jnp.int32), "layers": layers}
 
 
-def cache_bytes_per_token(cache: dict) -> int:
+def cache_bytes_per_token(cache: Cache) -> int:
     """Measured bytes per token (all layers) of a cache pytree."""
     total = 0
     for leaf in jax.tree_util.tree_leaves(cache["layers"]):
@@ -72,7 +61,7 @@ def cache_bytes_per_token(cache: dict) -> int:
     return total
 
 
-def cache_shardings(cfg: ModelConfig, cache: dict, mesh) -> dict:
+def cache_shardings(cfg: ModelConfig, cache: Cache, mesh: jax.sharding.Mesh) -> dict[str, Any]:
     """NamedShardings of a decode cache from its logical axes: batch over (data, fsdp), heads over
     tensor (TPA's head-shared B factors and MLA's latent are replicated over tensor), with the
     same divisibility fallback as the parameters."""

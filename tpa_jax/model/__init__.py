@@ -1,5 +1,6 @@
-"""The model layer: layers, RoPE, the attention mechanisms (incl. FlashTPA math and Pallas
-kernels) and the T6 transformer with its entry point (``logits_fn``, ``loss_fn``, ``init_params``)."""
+"""The model layer: shared layers, RoPE, the attention mechanisms (with the FlashTPA math and its
+Pallas kernel), the Section 4 equivalence, and the T6 transformer with the one entry point every
+consumer uses (``model_of``, ``logits_fn``, ``loss_fn``, ``init_params``, ``abstract_params``)."""
 from .transformer import (Block, Transformer, abstract_params, cross_entropy, init_params, logits_fn, loss_fn,
                           model_of)
 

@@ -1,4 +1,5 @@
-"""Rotary position embedding on any ``[..., T, <broadcast axes>, d]`` factor tensor.
+"""Rotary position embedding: the inverse frequencies, the cos/sin tables and the rotation of any
+``[B, T, ..., d]`` factor tensor.
 
 Convention of the official T6 code (needed to load its checkpoints): half-split pairs
 ``x1 = x[..., :d/2]``, ``x2 = x[..., d/2:]`` rotated as
@@ -11,8 +12,11 @@ relative position enters attention scores (Theorem 3.1), so either sign is a val
 """
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+
+Rope = tuple[jax.Array, jax.Array]  # (cos, sin), each [T, d/2] or [B, T, d/2]
 
 
 def inv_frequencies(dim: int, theta: float = 10000.0) -> np.ndarray:
@@ -22,7 +26,7 @@ def inv_frequencies(dim: int, theta: float = 10000.0) -> np.ndarray:
     return (np.float32(1.0) / power).astype(np.float32)
 
 
-def rope_tables(positions, dim: int, theta: float = 10000.0, bf16_round: bool = False):
+def rope_tables(positions: jax.Array, dim: int, theta: float = 10000.0, bf16_round: bool = False) -> Rope:
     """cos/sin tables of shape ``positions.shape + (dim // 2,)`` in float32.
 
     ``bf16_round`` reproduces the official code, which rounds its tables to bfloat16.
@@ -36,10 +40,11 @@ def rope_tables(positions, dim: int, theta: float = 10000.0, bf16_round: bool = 
     return cos, sin
 
 
-def apply_rope(x, cos, sin):
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     """Rotate the last axis of ``x`` ([B, T, *mid, d]) by tables of shape [T, d/2] or [B, T, d/2].
 
-    The tables broadcast over every axis between T and d (ranks, heads).
+    The tables broadcast over every axis between T and d (ranks, heads).  Computed in float32,
+    returned in x's dtype.
     """
     n_mid = x.ndim - 3
     shape = cos.shape[:-1] + (1,) * n_mid + cos.shape[-1:]
@@ -50,18 +55,3 @@ def apply_rope(x, cos, sin):
     x1, x2 = x32[..., :half], x32[..., half:]
     y = jnp.concatenate([x1 * cos + x2 * sin, x2 * cos - x1 * sin], axis=-1)
     return y.astype(x.dtype)
-
-
-def rotation_matrix(pos: float, dim: int, theta: float = 10000.0) -> np.ndarray:
-    """The explicit ``dim x dim`` matrix T with ``apply_rope(x) == x @ T`` (for tests and proofs)."""
-    inv = inv_frequencies(dim, theta).astype(np.float64)
-    c, s = np.cos(pos * inv), np.sin(pos * inv)
-    half = dim // 2
-    t = np.zeros((dim, dim))
-    idx = np.arange(half)
-    # y1[j] = x1[j] c + x2[j] s ; y2[j] = -x1[j] s + x2[j] c   (row = input index, col = output)
-    t[idx, idx] = c
-    t[idx + half, idx] = s
-    t[idx, idx + half] = -s
-    t[idx + half, idx + half] = c
-    return t

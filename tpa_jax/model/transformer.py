@@ -1,4 +1,5 @@
-"""T6 / LLaMA-style decoder and the one model entry point every consumer uses.
+"""The T6 / LLaMA-style decoder (blocks, layer stack, loss) and the one model entry point every
+consumer uses.
 
 The model: tied embedding, L pre-norm blocks (RMSNorm, attention, RMSNorm, SwiGLU), final RMSNorm,
 float32 logits.  T6 is this model with ``attention="tpa"``.  Layers run through ``nn.scan``
@@ -23,9 +24,9 @@ import jax.numpy as jnp
 
 from .. import parallel
 from ..config import ModelConfig
-from .attention import attention_class, causal_mask
+from .attention import attention_class, attention_mask
 from .layers import Embedding, RMSNorm, SwiGLU
-from .rope import rope_tables
+from .rope import Rope, rope_tables
 
 REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -35,17 +36,22 @@ REMAT_POLICIES = {
 
 
 class Block(nn.Module):
+    """Pre-norm block: x + attn(RMSNorm(x)), then + SwiGLU(RMSNorm(x)); returns (x, this layer's cache)."""
+
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x, rope, key_rope, mask, start, cache):
+    def __call__(self, x_BTM: jax.Array, rope: Rope, key_rope: Optional[Rope], mask_BTS: jax.Array,
+                 start_B: Optional[jax.Array], cache: Optional[dict[str, jax.Array]],
+                 ) -> tuple[jax.Array, Optional[dict[str, jax.Array]]]:
         cfg = self.cfg
-        h = RMSNorm(cfg, cfg.d_model, cfg.norm_eps, cfg.norm_weight, name="attn_norm")(x)
-        a, cache = attention_class(cfg)(cfg, name="attn")(h, rope, mask, cache=cache, key_rope=key_rope, start=start)
-        x = x + a.astype(x.dtype)
-        h = RMSNorm(cfg, cfg.d_model, cfg.norm_eps, cfg.norm_weight, name="mlp_norm")(x)
-        x = x + SwiGLU(cfg, name="mlp")(h).astype(x.dtype)
-        return x, cache
+        h_BTM = RMSNorm(cfg, cfg.d_model, cfg.norm_eps, cfg.norm_weight, name="attn_norm")(x_BTM)
+        a_BTM, cache = attention_class(cfg)(cfg, name="attn")(h_BTM, rope, mask_BTS, cache=cache, key_rope=key_rope,
+                                                              start_B=start_B)
+        x_BTM = x_BTM + a_BTM.astype(x_BTM.dtype)
+        h_BTM = RMSNorm(cfg, cfg.d_model, cfg.norm_eps, cfg.norm_weight, name="mlp_norm")(x_BTM)
+        x_BTM = x_BTM + SwiGLU(cfg, name="mlp")(h_BTM).astype(x_BTM.dtype)
+        return x_BTM, cache
 
 
 class Transformer(nn.Module):
@@ -53,7 +59,7 @@ class Transformer(nn.Module):
 
     cfg: ModelConfig
 
-    def setup(self):
+    def setup(self) -> None:
         cfg = self.cfg
         self.embed = Embedding(cfg)
         block = Block
@@ -70,37 +76,43 @@ class Transformer(nn.Module):
         )(cfg, name="blocks")
         self.final_norm = RMSNorm(self.cfg, cfg.d_model, cfg.norm_eps, cfg.norm_weight)
 
-    def __call__(self, tokens, positions=None, cache=None, valid_lengths=None):
-        """Full causal forward, or with ``cache`` (see ``tpa_jax.inference.init_cache``) a prefill
-        (T tokens) or decode (1 token) step returning ``(logits, cache)``; positions come from
-        the cache.  ``valid_lengths`` [B] marks right-padded prompts of different lengths."""
+    def __call__(self, tokens: jax.Array, positions: Optional[jax.Array] = None,
+                 cache: Optional[dict[str, Any]] = None, valid_lengths: Optional[jax.Array] = None,
+                 ) -> jax.Array | tuple[jax.Array, dict[str, Any]]:
+        """Full causal forward of ``tokens`` int [B, T] -> logits float32 [B, T, V], or with
+        ``cache`` (see ``tpa_jax.inference.init_cache``) a prefill (T tokens) or decode (1 token)
+        step returning ``(logits, cache)`` whose positions come from the cache.  ``positions``
+        ([T] or [B, T]) sets the RoPE positions of a full forward; its mask follows token order.
+        ``valid_lengths`` [B] marks right-padded prompts of different lengths."""
         cfg = self.cfg
-        tokens = jnp.asarray(tokens)
-        if tokens.ndim != 2:
-            raise ValueError(f"tokens: expected int array [batch, seq], got shape {tokens.shape}")
-        t = tokens.shape[1]
-        x = self.embed(tokens)
+        tokens_BT = jnp.asarray(tokens)
+        if tokens_BT.ndim != 2:
+            raise ValueError(f"tokens: expected int array [batch, seq], got shape {tokens_BT.shape}")
+        t = tokens_BT.shape[1]
+        x_BTM = self.embed(tokens_BT)
+        tables = functools.partial(rope_tables, dim=cfg.rope_dim, theta=cfg.rope_theta, bf16_round=cfg.rope_bf16_tables)
+        index_T = jnp.arange(t, dtype=jnp.int32)
         if cache is None:
-            if positions is None:
-                positions = jnp.arange(t, dtype=jnp.int32)[None, :]
-            rope = rope_tables(positions, cfg.rope_dim, cfg.rope_theta, cfg.rope_bf16_tables)
-            x, _ = self.blocks(x, rope, None, causal_mask(positions, positions), None, None)
-            return self.embed.attend(self.final_norm(x))
-        lengths = cache["lengths"]
+            rope = tables(index_T[None, :] if positions is None else positions)
+            mask_BTS = attention_mask(index_T[None, :], jnp.full((1,), t, jnp.int32), index_T)
+            x_BTM, _ = self.blocks(x_BTM, rope, None, mask_BTS, None, None)
+            return self.embed.attend(self.final_norm(x_BTM))
+        lengths_B = cache["lengths"]
         max_len = jax.tree_util.tree_leaves(cache["layers"])[0].shape[2]
         if t > max_len:
             raise ValueError(f"tokens: {t} new tokens exceed the cache capacity max_len={max_len}")
-        positions = lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
-        key_positions = jnp.arange(max_len, dtype=jnp.int32)[None, :]
-        rope = rope_tables(positions, cfg.rope_dim, cfg.rope_theta, cfg.rope_bf16_tables)
-        key_rope = rope_tables(key_positions, cfg.rope_dim, cfg.rope_theta, cfg.rope_bf16_tables)
-        x, layers = self.blocks(x, rope, key_rope, causal_mask(positions, key_positions), lengths, cache["layers"])
-        new_len = lengths + (t if valid_lengths is None else jnp.asarray(valid_lengths, jnp.int32))
-        return self.embed.attend(self.final_norm(x)), {"lengths": new_len, "layers": layers}
+        q_positions_BT = lengths_B[:, None] + index_T[None, :]
+        key_positions_S = jnp.arange(max_len, dtype=jnp.int32)
+        mask_BTS = attention_mask(q_positions_BT, lengths_B + t, key_positions_S)
+        x_BTM, layers = self.blocks(x_BTM, tables(q_positions_BT), tables(key_positions_S[None, :]), mask_BTS,
+                                    lengths_B, cache["layers"])
+        new_lengths_B = lengths_B + (t if valid_lengths is None else jnp.asarray(valid_lengths, jnp.int32))
+        return self.embed.attend(self.final_norm(x_BTM)), {"lengths": new_lengths_B, "layers": layers}
 
 
-def cross_entropy(logits, targets, ignore_index: int = -1):
-    """Mean next-token cross-entropy over targets != ignore_index (float32), as F.cross_entropy."""
+def cross_entropy(logits: jax.Array, targets: jax.Array, ignore_index: int = -1) -> jax.Array:
+    """Mean next-token cross-entropy of logits [..., V] at int targets [...] over targets !=
+    ignore_index (float32), as F.cross_entropy."""
     logits = logits.astype(jnp.float32)
     valid = targets != ignore_index
     safe = jnp.where(valid, targets, 0)
@@ -124,8 +136,8 @@ def logits_fn(cfg: ModelConfig) -> Callable[..., Any]:
     ``jax.jit`` of it compiles once."""
     model = model_of(cfg)
 
-    def logits(params, tokens: jax.Array, *, positions: Optional[jax.Array] = None, cache: Any = None,
-               valid_lengths: Optional[jax.Array] = None):
+    def logits(params: Any, tokens: jax.Array, *, positions: Optional[jax.Array] = None, cache: Any = None,
+               valid_lengths: Optional[jax.Array] = None) -> Any:
         return model.apply({"params": params}, tokens, positions=positions, cache=cache,
                            valid_lengths=valid_lengths)
 
@@ -137,7 +149,7 @@ def loss_fn(cfg: ModelConfig) -> Callable[[Any, jax.Array, jax.Array], jax.Array
     """``(params, inputs [B, T], targets [B, T]) -> float32`` mean cross-entropy over targets != -1."""
     logits = logits_fn(cfg)
 
-    def loss(params, inputs: jax.Array, targets: jax.Array) -> jax.Array:
+    def loss(params: Any, inputs: jax.Array, targets: jax.Array) -> jax.Array:
         return cross_entropy(logits(params, inputs), targets)
 
     return loss

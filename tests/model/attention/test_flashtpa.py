@@ -1,13 +1,14 @@
-"""FlashTPA (paper App. A Alg. 1, App. B Alg. 2/3) against the materialised Q/K/V reference."""
-import itertools
-
+"""tpa_jax.model.attention.flashtpa: FlashTPA decoding and prefill (paper App. A Alg. 1, App. B
+Alg. 2) against float64 NumPy attention over the rebuilt Q, K, V, and the check that nothing of
+the size of Q, K or V is ever formed."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tpa_jax.model.attention.flashtpa import flashtpa_decode, flashtpa_prefill, materialized_attention
-from tpa_jax.model.attention.kernels import flashtpa_decode_pallas
+from tpa_jax.model.attention.flashtpa import flashtpa_decode, flashtpa_decode_plain_q, flashtpa_prefill
+
+from model_reference import tpa_attention
 
 # (Rq, Rk, Rv, H, D, E): the paper's rank sets, odd head counts, D == E and D != E
 RANKS = {
@@ -36,44 +37,11 @@ def _kw(rq, rk, rv, d):
 
 
 def _decode_ref(aq, bq, ak, bk, av, bv, lengths, **kw):
-    lengths = jnp.asarray(lengths, jnp.int32)
-    o = materialized_attention(aq[:, None], bq[:, None], ak, bk, av, bv, q_positions=(lengths - 1)[:, None],
-                               kv_lengths=lengths, **kw)
+    """One query per sequence at position lengths[b] - 1 against the whole cache: o [B, H, E]."""
+    lengths = np.asarray(lengths)
+    o = tpa_attention(np.asarray(aq)[:, None], np.asarray(bq)[:, None], ak, bk, av, bv,
+                      q_positions=(lengths - 1)[:, None], kv_lengths=lengths, **kw)
     return o[:, 0]
-
-
-def _np_decode(aq, bq, ak, bk, av, bv, *, q_rank, k_rank, v_rank, scale):
-    """float64 numpy attention of one query over a whole (already truncated) cache: o [H, E]."""
-    aq, bq, ak, bk, av, bv = (np.asarray(x, np.float64) for x in (aq, bq, ak, bk, av, bv))
-    q = np.einsum("rh,rd->hd", aq, bq) / q_rank
-    k = np.einsum("skh,skd->shd", ak, bk) / k_rank
-    v = np.einsum("suh,sue->she", av, bv) / v_rank
-    z = np.einsum("hd,shd->hs", q, k) * scale
-    p = np.exp(z - z.max(-1, keepdims=True))
-    return np.einsum("hs,she->he", p / p.sum(-1, keepdims=True), v)
-
-
-def test_reference_matches_naive_loop():
-    """The reference itself, against a per-(batch, head, query) numpy loop."""
-    rng = np.random.default_rng(0)
-    rq, rk, rv, h, d, e = RANKS["r622"]
-    t, s = 4, 9
-    aq, bq = _rand(rng, 2, t, rq, h), _rand(rng, 2, t, rq, d)
-    ak, bk, av, bv = _cache(rng, rk, rv, h, d, e, s=s, batch=2)
-    pos = np.array([[3, 4, 5, 6], [0, 1, 2, 3]])
-    lens = np.array([6, 4])
-    o = materialized_attention(aq, bq, ak, bk, av, bv, q_positions=pos, kv_lengths=lens, **_kw(rq, rk, rv, d))
-    aq, bq, ak, bk, av, bv = map(np.asarray, (aq, bq, ak, bk, av, bv))
-    want = np.zeros((2, t, h, e))
-    for b, i, hh in itertools.product(range(2), range(t), range(h)):
-        q = aq[b, i, :, hh] @ bq[b, i] / rq
-        keys = [j for j in range(s) if j <= pos[b, i] and j < lens[b]]
-        k = np.stack([ak[b, j, :, hh] @ bk[b, j] / rk for j in keys])
-        v = np.stack([av[b, j, :, hh] @ bv[b, j] / rv for j in keys])
-        z = k @ q / np.sqrt(d)
-        p = np.exp(z - z.max())
-        want[b, i, hh] = (p / p.sum()) @ v
-    np.testing.assert_allclose(np.asarray(o), want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("ranks", list(RANKS))
@@ -84,11 +52,25 @@ def test_decode_matches_reference(ranks):
     aq, bq = _rand(rng, B, rq, h), _rand(rng, B, rq, d)
     cache = _cache(rng, rk, rv, h, d, e)
     kw = _kw(rq, rk, rv, d)
-    want = np.asarray(_decode_ref(aq, bq, *cache, LENGTHS, **kw))
+    want = _decode_ref(aq, bq, *cache, LENGTHS, **kw)
     for block in BLOCKS[ranks]:
         o = flashtpa_decode(aq, bq, *cache, jnp.array(LENGTHS), block_size=block, **kw)
         assert o.shape == (B, h, e) and o.dtype == jnp.float32
         np.testing.assert_allclose(np.asarray(o), want, rtol=1e-5, atol=1e-5, err_msg=f"block_size={block}")
+
+
+def test_decode_plain_query_matches_reference():
+    """TPA-KVonly's plain query q [B, H, D] is TPA with R_Q = H, A_Q = H I and B_Q[p] = q_p
+    (Section 4), so the same reference applies."""
+    rng = np.random.default_rng(7)
+    _, rk, rv, h, d, e = RANKS["r622"]
+    q = _rand(rng, B, h, d)
+    cache = _cache(rng, rk, rv, h, d, e)
+    kw = _kw(h, rk, rv, d)
+    want = _decode_ref(np.broadcast_to(h * np.eye(h), (B, h, h)), q, *cache, LENGTHS, **kw)
+    o = flashtpa_decode_plain_q(q, *cache, jnp.array(LENGTHS), block_size=8, k_rank=rk, v_rank=rv, scale=kw["scale"])
+    assert o.shape == (B, h, e)
+    np.testing.assert_allclose(np.asarray(o), want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("ranks", list(RANKS))
@@ -101,25 +83,26 @@ def test_prefill_matches_reference(ranks):
     aq, bq = _rand(rng, B, t, rq, h), _rand(rng, B, t, rq, d)
     cache = _cache(rng, rk, rv, h, d, e)
     kw = _kw(rq, rk, rv, d)
-    want = np.asarray(materialized_attention(aq, bq, *(c[:, :t] for c in cache), **kw))
+    want = tpa_attention(aq, bq, *(c[:, :t] for c in cache), **kw)
     dirty = [c.at[:, t:].set(np.nan) for c in cache]
     for block, q_block in PREFILL_BLOCKS[ranks]:
-        o = flashtpa_prefill(aq, bq, *dirty, kv_lengths=jnp.full((B,), t), block_size=block, q_block_size=q_block,
+        o = flashtpa_prefill(aq, bq, *dirty, kv_lengths_B=jnp.full((B,), t), block_size=block, q_block_size=q_block,
                              **kw)
         assert o.shape == (B, t, h, e)
         np.testing.assert_allclose(np.asarray(o), want, rtol=1e-5, atol=1e-5, err_msg=f"{block=} {q_block=}")
 
 
 def test_chunked_prefill_continues_a_cache():
-    """A chunk at positions [n0, n0+T) against a cache holding [0, n0) equals those rows of a
-    full prefill; per-sequence offsets differ; rows past the filled length hold garbage."""
+    """A chunk at positions [n0, n0+T) against a cache holding [0, n0) equals those rows of
+    attention over the whole sequence; per-sequence offsets differ; rows past the filled length
+    hold garbage."""
     rng = np.random.default_rng(3)
     rq, rk, rv, h, d, e = RANKS["r622"]
     kw = _kw(rq, rk, rv, d)
     n = 26
     aq, bq = _rand(rng, 2, n, rq, h), _rand(rng, 2, n, rq, d)
     cache = _cache(rng, rk, rv, h, d, e, s=n, batch=2)
-    full = flashtpa_prefill(aq, bq, *cache, block_size=8, q_block_size=8, **kw)
+    full = tpa_attention(aq, bq, *cache, **kw)  # [2, n, H, E]
     starts, t = np.array([17, 10]), 9
     idx = starts[:, None] + np.arange(t)  # [2, T] absolute positions
     take = lambda x: jnp.take_along_axis(x, jnp.asarray(idx)[:, :, None, None], axis=1)
@@ -128,14 +111,16 @@ def test_chunked_prefill_continues_a_cache():
     lens = starts + t
     big = [garbage(c) for c in cache]
     big = [jnp.where((jnp.arange(s_max) < lens[:, None])[:, :, None, None], c, 1e4) for c in big]
-    o = flashtpa_prefill(take(aq), take(bq), *big, q_positions=idx, kv_lengths=lens, block_size=8, q_block_size=4, **kw)
-    np.testing.assert_allclose(np.asarray(o), np.asarray(take(full)), rtol=1e-5, atol=1e-5)
+    o = flashtpa_prefill(take(aq), take(bq), *big, q_positions_BT=idx, kv_lengths_B=lens, block_size=8,
+                         q_block_size=4, **kw)
+    np.testing.assert_allclose(np.asarray(o), np.take_along_axis(full, idx[:, :, None, None], axis=1),
+                               rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("fill", [1e4, np.nan])
 def test_garbage_past_length_is_ignored(fill):
-    """Cache rows at or past each sequence's length must not reach the decode output (jnp and
-    Pallas).  The expectation is a float64 numpy attention over each sequence's own truncated cache."""
+    """Cache rows at or past each sequence's length must not reach the decode output.  The
+    expectation is attention over each sequence's own truncated cache."""
     rng = np.random.default_rng(4)
     rq, rk, rv, h, d, e = RANKS["r622"]
     kw = _kw(rq, rk, rv, d)
@@ -143,10 +128,9 @@ def test_garbage_past_length_is_ignored(fill):
     cache = _cache(rng, rk, rv, h, d, e)
     lens = np.array([1, 9, 30])
     dirty = [jnp.where((jnp.arange(S) < lens[:, None])[:, :, None, None], c, fill) for c in cache]
-    want = np.stack([_np_decode(aq[b], bq[b], *(c[b, :lens[b]] for c in cache), **kw) for b in range(B)])
+    want = np.concatenate([_decode_ref(aq[b:b + 1], bq[b:b + 1], *(c[b:b + 1, :lens[b]] for c in cache), lens[b:b + 1],
+                                       **kw) for b in range(B)])
     o = flashtpa_decode(aq, bq, *dirty, jnp.asarray(lens), block_size=8, **kw)
-    np.testing.assert_allclose(np.asarray(o), want, rtol=1e-5, atol=1e-5)
-    o = flashtpa_decode_pallas(aq, bq, *dirty, jnp.asarray(lens), block_size=8, head_block=1, interpret=True, **kw)
     np.testing.assert_allclose(np.asarray(o), want, rtol=1e-5, atol=1e-5)
     # the test has teeth: changing the last row inside a length changes the output
     touched = [c.at[2, 29].add(3.0) for c in dirty]
@@ -196,20 +180,3 @@ def test_no_materialised_q_k_v():
         assert any(blk in sh for sh in shapes)  # the walk did reach inside the loop
         bad = [sh for sh in shapes if (h in sh and d in sh) or (blk in sh and h in sh and e in sh)]
         assert not bad, bad
-
-
-@pytest.mark.parametrize("case", [("r622", 8, 1), ("r1611", 64, None)])
-def test_pallas_matches_jnp(case):
-    """Interpret-mode Pallas kernel == jnp flashtpa_decode (head blocks of 1 over 7 heads; one
-    program per sequence with a block larger than the cache)."""
-    name, block, head_block = case
-    rng = np.random.default_rng(6)
-    rq, rk, rv, h, d, e = RANKS[name]
-    kw = _kw(rq, rk, rv, d)
-    aq, bq = _rand(rng, B, rq, h), _rand(rng, B, rq, d)
-    cache = _cache(rng, rk, rv, h, d, e)
-    lens = jnp.array(LENGTHS)
-    o = flashtpa_decode_pallas(aq, bq, *cache, lens, block_size=block, head_block=head_block, interpret=True, **kw)
-    want = flashtpa_decode(aq, bq, *cache, lens, block_size=block, **kw)
-    assert o.shape == want.shape and o.dtype == want.dtype
-    np.testing.assert_allclose(np.asarray(o), np.asarray(want), rtol=1e-5, atol=1e-5)

@@ -1,5 +1,9 @@
-"""Scaled dot-product attention shared by every mechanism (eq. 3.2), GQA-aware, float32 softmax."""
+"""What every attention family shares: the mask rule, scaled dot-product attention (eq. 3.2,
+GQA-aware, float32 softmax), the output projection W_O with its optional per-head norm (eq. 3.3),
+the decode-cache leaf description and the write of new tokens into a cache."""
 from __future__ import annotations
+
+from typing import NamedTuple, Optional
 
 import flax.linen as nn
 import jax
@@ -9,65 +13,79 @@ from ...config import ModelConfig
 from ..layers import RMSNorm, cast, param
 
 
-def causal_mask(q_positions, kv_positions):
-    """Boolean [B|1, T, S]: query at position t sees keys at positions <= t."""
-    q_positions = jnp.atleast_2d(q_positions)
-    kv_positions = jnp.atleast_2d(kv_positions)
-    return q_positions[:, :, None] >= kv_positions[:, None, :]
+class CacheLeaf(NamedTuple):
+    """One leaf of a layer's decode cache: its shape per token and the logical axes of that shape."""
+
+    shape: tuple[int, ...]
+    axes: tuple[str, ...]
 
 
-def attend(q_BTHD, k_BSKD, v_BSKE, *, scale: float, mask_BTS):
-    """softmax(scale * q k^T masked) v with H = K * G query heads; head h reads kv head h // G.
+# ----------------------------------------------------------------------------------------- the mask
+def filled_BS(kv_lengths_B: jax.Array, key_positions_S: jax.Array) -> jax.Array:
+    """Boolean [B, S]: key position s holds a token of sequence b iff ``s < kv_lengths[b]``."""
+    return key_positions_S[None, :] < kv_lengths_B[:, None]
 
-    Computed head-major: the G query heads that share a kv head are folded into the query rows,
-    so both contractions are plain batched matmuls over [B, K] (10-20% faster on CPU than a
-    [B, T, K, G] layout).  Logits and softmax statistics are float32; the value contraction runs in
-    v's dtype.
+
+def attention_mask(q_positions_BT: jax.Array, kv_lengths_B: jax.Array, key_positions_S: jax.Array) -> jax.Array:
+    """The one mask rule of the model, boolean [B, T, S]: key position s is visible to a query at
+    position p of sequence b iff ``s <= p and s < kv_lengths[b]`` (causal and padding).
+
+    A batch of 1 (``q_positions`` [1, T], ``kv_lengths`` [1]) gives a mask that broadcasts."""
+    causal_BTS = key_positions_S[None, None, :] <= q_positions_BT[:, :, None]
+    return causal_BTS & filled_BS(kv_lengths_B, key_positions_S)[:, None, :]
+
+
+# ----------------------------------------------------------------------------------------- attention
+def attend(q_BTHD: jax.Array, k_BSKD: jax.Array, v_BSKE: jax.Array, *, scale: float,
+           mask_BTS: jax.Array) -> jax.Array:
+    """softmax(scale * q k^T, masked) v -> [B, T, H, E], with H = K G query heads: head h reads kv head h // G.
+
+    Computed head-major: the G query heads that share a kv head are folded into that head's query
+    rows (``q_BKTD`` below holds G T rows, ordered (g, t)), so both contractions are plain batched
+    matmuls over [B, K] (10-20% faster on CPU than a [B, T, K, G] layout).  Logits and softmax
+    statistics are float32; the value contraction runs in v's dtype.
     """
     b, t, h, d = q_BTHD.shape
     s, kv, e = k_BSKD.shape[1], k_BSKD.shape[2], v_BSKE.shape[-1]
     g = h // kv
-    q = q_BTHD.reshape(b, t, kv, g, d).transpose(0, 2, 3, 1, 4).reshape(b, kv, g * t, d)  # rows (g, t)
-    k = k_BSKD.transpose(0, 2, 1, 3)
-    v = v_BSKE.transpose(0, 2, 1, 3)
-    logits = jnp.einsum("bkqd,bksd->bkqs", q, k, preferred_element_type=jnp.float32) * scale
-    mask = jnp.broadcast_to(mask_BTS[:, None, None], (mask_BTS.shape[0], 1, g, t, s)).reshape(-1, 1, g * t, s)
-    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1)
-    out = jnp.einsum("bkqs,bkse->bkqe", probs.astype(v.dtype), v)
-    return out.reshape(b, kv, g, t, e).transpose(0, 3, 1, 2, 4).reshape(b, t, h, e)
+    q_BKTD = q_BTHD.reshape(b, t, kv, g, d).transpose(0, 2, 3, 1, 4).reshape(b, kv, g * t, d)
+    k_BKSD = k_BSKD.transpose(0, 2, 1, 3)
+    v_BKSE = v_BSKE.transpose(0, 2, 1, 3)
+    logits_BKTS = jnp.einsum("bktd,bksd->bkts", q_BKTD, k_BKSD, preferred_element_type=jnp.float32) * scale
+    # [B, 1, G T, S]: each query row's mask, broadcast over the kv heads
+    row_mask = jnp.broadcast_to(mask_BTS[:, None, None], (mask_BTS.shape[0], 1, g, t, s)).reshape(-1, 1, g * t, s)
+    logits_BKTS = jnp.where(row_mask, logits_BKTS, jnp.finfo(jnp.float32).min)
+    probs_BKTS = jax.nn.softmax(logits_BKTS, axis=-1)
+    o_BKTE = jnp.einsum("bkts,bkse->bkte", probs_BKTS.astype(v_BKSE.dtype), v_BKSE)
+    return o_BKTE.reshape(b, kv, g, t, e).transpose(0, 3, 1, 2, 4).reshape(b, t, h, e)
 
 
-def output_params(module):
-    """Create W_O [h, E, d_model] (zero-initialised) and the optional per-head output RMSNorm.
+# ----------------------------------------------------------------------------------------- output
+def output_params(module: nn.Module) -> tuple[jax.Array, Optional[RMSNorm]]:
+    """Create W_O [H, E, M] (zero-initialised) and the optional per-head output RMSNorm of ``module``.
 
-    Works from ``setup`` or a compact method; the parameter tree is ``w_o`` and ``out_norm/scale``.
+    Called from ``setup``; the parameter tree is ``w_o`` and ``out_norm/scale``.
     """
-    cfg = module.cfg
+    cfg: ModelConfig = module.cfg
     h, e, m = cfg.n_head, cfg.value_dim, cfg.d_model
-    norm = RMSNorm(cfg, e, cfg.attn_out_norm_eps, True, "head_dim", name="out_norm") if cfg.attn_out_norm else None
-    w_o = param(module, "w_o", nn.initializers.zeros, (h, e, m), ("heads", "head_dim", "embed"))
-    return w_o, norm
+    norm = (RMSNorm(cfg, e, cfg.attn_out_norm_eps, True, "value_dim", name="out_norm")
+            if cfg.attn_out_norm else None)
+    w_o_HEM = param(module, "w_o", nn.initializers.zeros, (h, e, m), ("heads", "value_dim", "embed"))
+    return w_o_HEM, norm
 
 
-def project_out(cfg, o_BTHE, w_o, norm=None):
-    """[per-head RMSNorm] then concat heads and W_O (eq. 3.3)."""
+def project_out(cfg: ModelConfig, o_BTHE: jax.Array, w_o_HEM: jax.Array, norm: Optional[RMSNorm] = None) -> jax.Array:
+    """[per-head RMSNorm] then concatenate the heads and apply W_O (eq. 3.3): [B, T, M]."""
     if norm is not None:
         o_BTHE = norm(o_BTHE)
-    return jnp.einsum("bthe,hem->btm", cast(o_BTHE, cfg), cast(w_o, cfg))
+    return jnp.einsum("bthe,hem->btm", cast(o_BTHE, cfg), cast(w_o_HEM, cfg))
 
 
-def output_projection(module, o_BTHE):
-    """``project_out`` for compact modules."""
-    w_o, norm = output_params(module)
-    return project_out(module.cfg, o_BTHE, w_o, norm)
+# ----------------------------------------------------------------------------------------- caches
+def write_cache(cache: dict[str, jax.Array], items: dict[str, jax.Array], start_B: jax.Array) -> dict[str, jax.Array]:
+    """Write each new item [B, T, ...] into its cache leaf [B, S, ...] at row ``start_B[b]`` of sequence b."""
 
+    def put(buf_S: jax.Array, new_T: jax.Array, start: jax.Array) -> jax.Array:
+        return jax.lax.dynamic_update_slice_in_dim(buf_S, new_T.astype(buf_S.dtype), start, 0)
 
-def write_cache(cache: dict, items: dict, start_B):
-    """Write each new [B, T, ...] item into its [B, S, ...] cache leaf at row offsets ``start_B``."""
-
-    def put(buf, new):
-        return jax.vmap(lambda bb, nn_, st: jax.lax.dynamic_update_slice_in_dim(bb, nn_.astype(bb.dtype), st, 0))(
-            buf, new, start_B)
-
-    return {k: put(cache[k], items[k]) for k in cache}
+    return {name: jax.vmap(put)(cache[name], items[name], start_B) for name in cache}

@@ -1,4 +1,5 @@
-"""Multi-head Latent Attention (DeepSeek-V2; paper App. F.3) with decoupled RoPE.
+"""Multi-head Latent Attention (DeepSeek-V2; paper App. F.3) with decoupled RoPE: the module, what
+its decode cache holds (the latent c_KV and the shared RoPE key) and its absorbed decode.
 
     c_Q  = RMSNorm(x W^DQ)                          [d'_c]
     q_C  = c_Q W^UQ,  q_R = RoPE(c_Q W^QR)          per head d_h and d^R_h
@@ -6,8 +7,12 @@
     k_R  = RoPE(x W^KR)                             [d^R_h] one head shared by all heads (cached)
     k_C  = c_KV W^UK,  v = c_KV W^UV                per head d_h and d_v
     o    = softmax((q_C.k_C + q_R.k_R) / sqrt(d_h + d^R_h)) v,   out = o W^O
+
+Letters: C is either latent (d'_c or d_c, by the weight it meets), F = d^R_h, D = d_h, E = d_v.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import flax.linen as nn
 import jax
@@ -15,76 +20,88 @@ import jax.numpy as jnp
 
 from ...config import ModelConfig
 from ..layers import RMSNorm, cast, fan_in_init, param
-from ..rope import apply_rope
-from .core import attend, output_projection, write_cache
+from ..rope import Rope, apply_rope
+from .core import CacheLeaf, attend, output_params, project_out, write_cache
 
 
 class MLAttention(nn.Module):
     cfg: ModelConfig
 
-    def latents(self, x, rope):
-        """c_Q [B,T,d'_c] (normed), c_KV [B,T,d_c] (normed), k_R [B,T,1,d^R] (RoPE'd)."""
-        cfg = self.cfg
-        m, dq, dc, dr = cfg.d_model, cfg.q_lora_rank, cfg.kv_lora_rank, cfg.rope_head_dim
-        w_dq = param(self, "w_dq", fan_in_init(m), (m, dq), ("embed", "latent"))
-        w_dkv = param(self, "w_dkv", fan_in_init(m), (m, dc), ("embed", "latent"))
-        w_kr = param(self, "w_kr", fan_in_init(m), (m, dr), ("embed", "head_dim"))
-        c_q = RMSNorm(cfg, dq, cfg.mla_norm_eps, True, "latent", name="q_norm")(
-            jnp.einsum("btm,mc->btc", x, cast(w_dq, cfg)))
-        c_kv = RMSNorm(cfg, dc, cfg.mla_norm_eps, True, "latent", name="kv_norm")(
-            jnp.einsum("btm,mc->btc", x, cast(w_dkv, cfg)))
-        k_r = apply_rope(jnp.einsum("btm,md->btd", x, cast(w_kr, cfg))[:, :, None, :], *rope)
-        return c_q, c_kv, k_r
+    @staticmethod
+    def cache_spec(cfg: ModelConfig) -> dict[str, CacheLeaf]:
+        """Per token and layer: the latent c_KV [d_c] and the shared RoPE key k_R [d^R_h]."""
+        return {"c_kv": CacheLeaf((cfg.kv_lora_rank,), ("latent",)),
+                "k_r": CacheLeaf((cfg.rope_head_dim,), ("rope_dim",))}
 
-    def up(self):
-        """W^UQ [d'_c,H,d_h], W^QR [d'_c,H,d^R], W^UK [d_c,H,d_h], W^UV [d_c,H,d_v] (compute dtype)."""
+    def setup(self) -> None:
         cfg = self.cfg
-        h, d, dr, dv = cfg.n_head, cfg.head_dim, cfg.rope_head_dim, cfg.value_dim
+        m, h, d, f, e = cfg.d_model, cfg.n_head, cfg.head_dim, cfg.rope_head_dim, cfg.value_dim
         dq, dc = cfg.q_lora_rank, cfg.kv_lora_rank
-        ws = {
-            "w_uq": param(self, "w_uq", fan_in_init(dq), (dq, h, d), ("latent", "heads", "head_dim")),
-            "w_qr": param(self, "w_qr", fan_in_init(dq), (dq, h, dr), ("latent", "heads", "head_dim")),
-            "w_uk": param(self, "w_uk", fan_in_init(dc), (dc, h, d), ("latent", "heads", "head_dim")),
-            "w_uv": param(self, "w_uv", fan_in_init(dc), (dc, h, dv), ("latent", "heads", "head_dim")),
-        }
-        return {k: cast(w, cfg) for k, w in ws.items()}
+        self.w_dq = param(self, "w_dq", fan_in_init(m), (m, dq), ("embed", "latent"))
+        self.w_dkv = param(self, "w_dkv", fan_in_init(m), (m, dc), ("embed", "latent"))
+        self.w_kr = param(self, "w_kr", fan_in_init(m), (m, f), ("embed", "rope_dim"))
+        self.q_norm = RMSNorm(cfg, dq, cfg.mla_norm_eps, True, "latent")
+        self.kv_norm = RMSNorm(cfg, dc, cfg.mla_norm_eps, True, "latent")
+        self.w_uq = param(self, "w_uq", fan_in_init(dq), (dq, h, d), ("latent", "heads", "head_dim"))
+        self.w_qr = param(self, "w_qr", fan_in_init(dq), (dq, h, f), ("latent", "heads", "rope_dim"))
+        self.w_uk = param(self, "w_uk", fan_in_init(dc), (dc, h, d), ("latent", "heads", "head_dim"))
+        self.w_uv = param(self, "w_uv", fan_in_init(dc), (dc, h, e), ("latent", "heads", "value_dim"))
+        self.w_o, self.out_norm = output_params(self)
 
-    def absorbed_attention(self, q_c, q_r, items, w, mask_BTS):
-        """Decode with weight absorption (DeepSeek-V2): score and aggregate in the latent space.
+    def _w(self, name: str) -> jax.Array:
+        return cast(getattr(self, name), self.cfg)
+
+    def queries(self, x_BTM: jax.Array, rope: Rope) -> tuple[jax.Array, jax.Array]:
+        """q_C [B, T, H, D] and the RoPE'd q_R [B, T, H, F], both from the normed c_Q [B, T, C]."""
+        c_q_BTC = self.q_norm(jnp.einsum("btm,mc->btc", cast(x_BTM, self.cfg), self._w("w_dq")))
+        q_c_BTHD = jnp.einsum("btc,chd->bthd", c_q_BTC, self._w("w_uq"))
+        q_r_BTHF = apply_rope(jnp.einsum("btc,chf->bthf", c_q_BTC, self._w("w_qr")), *rope)
+        return q_c_BTHD, q_r_BTHF
+
+    def kv_items(self, x_BTM: jax.Array, rope: Rope) -> dict[str, jax.Array]:
+        """The cache leaves for T new tokens: c_kv [B, T, C] (normed) and k_r [B, T, F] (RoPE'd)."""
+        x_BTM = cast(x_BTM, self.cfg)
+        c_kv_BTC = self.kv_norm(jnp.einsum("btm,mc->btc", x_BTM, self._w("w_dkv")))
+        k_r_BTF = apply_rope(jnp.einsum("btm,mf->btf", x_BTM, self._w("w_kr")), *rope)
+        return {"c_kv": c_kv_BTC, "k_r": k_r_BTF}
+
+    def absorbed_attention(self, q_c_BTHD: jax.Array, q_r_BTHF: jax.Array, items: dict[str, jax.Array],
+                           mask_BTS: jax.Array) -> jax.Array:
+        """Decode with weight absorption (DeepSeek-V2): score and aggregate in the latent space, o [B, T, H, E].
 
         q_C . k_C = (q_C W^UK^T) . c_KV, and sum_s p_s v_s = (sum_s p_s c_KV,s) W^UV, so the cached
         c_KV [S, d_c] is read as is and no per-head K or V is built: per cached token the cost is
         h (2 d_c + d^R_h) instead of h d_c (d_h + d_v) for the up-projections alone.
         """
         cfg = self.cfg
-        q_lat = jnp.einsum("bthd,chd->bthc", q_c, w["w_uk"])
-        c_kv, k_r = items["c_kv"].astype(q_lat.dtype), items["k_r"].astype(q_r.dtype)
-        logits = (jnp.einsum("bthc,bsc->bhts", q_lat, c_kv, preferred_element_type=jnp.float32)
-                  + jnp.einsum("bthr,bsr->bhts", q_r, k_r, preferred_element_type=jnp.float32)) * cfg.attn_scale
-        logits = jnp.where(mask_BTS[:, None], logits, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(logits, axis=-1)
-        o_lat = jnp.einsum("bhts,bsc->bthc", probs.astype(c_kv.dtype), c_kv)
-        return jnp.einsum("bthc,che->bthe", o_lat, w["w_uv"])
+        q_lat_BTHC = jnp.einsum("bthd,chd->bthc", q_c_BTHD, self._w("w_uk"))
+        c_kv_BSC = items["c_kv"].astype(q_lat_BTHC.dtype)
+        k_r_BSF = items["k_r"].astype(q_r_BTHF.dtype)
+        logits_BHTS = (jnp.einsum("bthc,bsc->bhts", q_lat_BTHC, c_kv_BSC, preferred_element_type=jnp.float32)
+                       + jnp.einsum("bthf,bsf->bhts", q_r_BTHF, k_r_BSF, preferred_element_type=jnp.float32)
+                       ) * cfg.attn_scale
+        logits_BHTS = jnp.where(mask_BTS[:, None], logits_BHTS, jnp.finfo(jnp.float32).min)
+        probs_BHTS = jax.nn.softmax(logits_BHTS, axis=-1)
+        o_lat_BTHC = jnp.einsum("bhts,bsc->bthc", probs_BHTS.astype(c_kv_BSC.dtype), c_kv_BSC)
+        return jnp.einsum("bthc,che->bthe", o_lat_BTHC, self._w("w_uv"))
 
-    @nn.compact
-    def __call__(self, x_BTM, rope, mask_BTS, cache=None, key_rope=None, start=None):
+    def __call__(self, x_BTM: jax.Array, rope: Rope, mask_BTS: jax.Array, cache: Optional[dict[str, jax.Array]] = None,
+                 key_rope: Optional[Rope] = None, start_B: Optional[jax.Array] = None,
+                 ) -> tuple[jax.Array, Optional[dict[str, jax.Array]]]:
         """Full attention, or cached: the cache holds only c_KV and the shared RoPE key k_R."""
         cfg = self.cfg
-        x = cast(x_BTM, cfg)
-        c_q, c_kv, k_r = self.latents(x, rope)
-        items = {"c_kv": c_kv, "k_r": k_r[:, :, 0, :]}
+        items = self.kv_items(x_BTM, rope)
         if cache is not None:
-            items = cache = write_cache(cache, items, start)
-        w = self.up()
-        q_c = jnp.einsum("btc,chd->bthd", c_q, w["w_uq"])
-        q_r = apply_rope(jnp.einsum("btc,chd->bthd", c_q, w["w_qr"]), *rope)
-        if cache is not None and x.shape[1] == 1 and cfg.decode_impl != "materialize":
-            o = self.absorbed_attention(q_c, q_r, cache, w, mask_BTS)
-            return output_projection(self, o), cache
-        k_c = jnp.einsum("bsc,chd->bshd", items["c_kv"], w["w_uk"])
-        v = jnp.einsum("bsc,che->bshe", items["c_kv"], w["w_uv"])
-        q = jnp.concatenate([q_c, q_r], axis=-1)
-        k_r = items["k_r"][:, :, None, :]
-        k = jnp.concatenate([k_c, jnp.broadcast_to(k_r, k_c.shape[:3] + k_r.shape[-1:])], axis=-1)
-        o = attend(q, k, v, scale=cfg.attn_scale, mask_BTS=mask_BTS)
-        return output_projection(self, o), cache
+            items = cache = write_cache(cache, items, start_B)
+        q_c_BTHD, q_r_BTHF = self.queries(x_BTM, rope)
+        if cache is not None and x_BTM.shape[1] == 1 and cfg.decode_impl != "materialize":
+            o_BTHE = self.absorbed_attention(q_c_BTHD, q_r_BTHF, cache, mask_BTS)
+            return project_out(cfg, o_BTHE, self.w_o, self.out_norm), cache
+        k_c_BSHD = jnp.einsum("bsc,chd->bshd", items["c_kv"], self._w("w_uk"))
+        v_BSHE = jnp.einsum("bsc,che->bshe", items["c_kv"], self._w("w_uv"))
+        k_r_BSHF = jnp.broadcast_to(items["k_r"][:, :, None, :], k_c_BSHD.shape[:3] + items["k_r"].shape[-1:])
+        # attend's head dim is the query/key dim d_h + d^R_h here
+        q_BTHD = jnp.concatenate([q_c_BTHD, q_r_BTHF], axis=-1)
+        k_BSHD = jnp.concatenate([k_c_BSHD, k_r_BSHF], axis=-1)
+        o_BTHE = attend(q_BTHD, k_BSHD, v_BSHE, scale=cfg.attn_scale, mask_BTS=mask_BTS)
+        return project_out(cfg, o_BTHE, self.w_o, self.out_norm), cache

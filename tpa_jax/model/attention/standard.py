@@ -1,35 +1,56 @@
-"""MHA / MQA / GQA: one module, ``cfg.kv_heads`` key/value heads; query head h reads kv head h // G."""
+"""MHA / MQA / GQA as one module with ``cfg.kv_heads`` key/value heads (query head h reads kv
+head h // G), and what its decode cache holds: K (after RoPE) and V."""
 from __future__ import annotations
 
+from typing import Optional
+
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from ...config import ModelConfig
 from ..layers import cast, fan_in_init, param
-from ..rope import apply_rope
-from .core import attend, output_projection, write_cache
+from ..rope import Rope, apply_rope
+from .core import CacheLeaf, attend, output_params, project_out, write_cache
 
 
 class StandardAttention(nn.Module):
     cfg: ModelConfig
 
-    def project(self, x, rope):
-        """q [B,T,H,D] (RoPE'd) and the cacheable items k [B,T,K,D] (RoPE'd), v [B,T,K,D]."""
-        cfg = self.cfg
-        m, h, kv, d = cfg.d_model, cfg.n_head, cfg.kv_heads, cfg.head_dim
-        w_q = param(self, "w_q", fan_in_init(m), (m, h, d), ("embed", "heads", "head_dim"))
-        w_k = param(self, "w_k", fan_in_init(m), (m, kv, d), ("embed", "kv_heads", "head_dim"))
-        w_v = param(self, "w_v", fan_in_init(m), (m, kv, d), ("embed", "kv_heads", "head_dim"))
-        q = apply_rope(jnp.einsum("btm,mhd->bthd", x, cast(w_q, cfg)), *rope)
-        k = apply_rope(jnp.einsum("btm,mkd->btkd", x, cast(w_k, cfg)), *rope)
-        v = jnp.einsum("btm,mkd->btkd", x, cast(w_v, cfg))
-        return q, {"k": k, "v": v}
+    @staticmethod
+    def cache_spec(cfg: ModelConfig) -> dict[str, CacheLeaf]:
+        """Per token and layer: K [K, D] after RoPE and V [K, E]."""
+        return {"k": CacheLeaf((cfg.kv_heads, cfg.head_dim), ("kv_heads", "head_dim")),
+                "v": CacheLeaf((cfg.kv_heads, cfg.value_dim), ("kv_heads", "value_dim"))}
 
-    @nn.compact
-    def __call__(self, x_BTM, rope, mask_BTS, cache=None, key_rope=None, start=None):
+    def setup(self) -> None:
         cfg = self.cfg
-        q, items = self.project(cast(x_BTM, cfg), rope)
+        m, h, kv, d, e = cfg.d_model, cfg.n_head, cfg.kv_heads, cfg.head_dim, cfg.value_dim
+        self.w_q = param(self, "w_q", fan_in_init(m), (m, h, d), ("embed", "heads", "head_dim"))
+        self.w_k = param(self, "w_k", fan_in_init(m), (m, kv, d), ("embed", "kv_heads", "head_dim"))
+        self.w_v = param(self, "w_v", fan_in_init(m), (m, kv, e), ("embed", "kv_heads", "value_dim"))
+        self.w_o, self.out_norm = output_params(self)
+
+    def query(self, x_BTM: jax.Array, rope: Rope) -> jax.Array:
+        """q [B, T, H, D], RoPE'd."""
+        return apply_rope(jnp.einsum("btm,mhd->bthd", cast(x_BTM, self.cfg), cast(self.w_q, self.cfg)), *rope)
+
+    def kv_items(self, x_BTM: jax.Array, rope: Rope) -> dict[str, jax.Array]:
+        """The cache leaves for T new tokens: k [B, T, K, D] (RoPE'd) and v [B, T, K, E]."""
+        cfg = self.cfg
+        x_BTM = cast(x_BTM, cfg)
+        k_BTKD = apply_rope(jnp.einsum("btm,mkd->btkd", x_BTM, cast(self.w_k, cfg)), *rope)
+        v_BTKE = jnp.einsum("btm,mke->btke", x_BTM, cast(self.w_v, cfg))
+        return {"k": k_BTKD, "v": v_BTKE}
+
+    def __call__(self, x_BTM: jax.Array, rope: Rope, mask_BTS: jax.Array, cache: Optional[dict[str, jax.Array]] = None,
+                 key_rope: Optional[Rope] = None, start_B: Optional[jax.Array] = None,
+                 ) -> tuple[jax.Array, Optional[dict[str, jax.Array]]]:
+        """Full attention, or cached: the new tokens' K/V are written at rows ``start_B`` and
+        attention reads the whole cache (``key_rope`` is unused: cached keys are already rotated)."""
+        cfg = self.cfg
+        items = self.kv_items(x_BTM, rope)
         if cache is not None:
-            items = cache = write_cache(cache, items, start)
-        o = attend(q, items["k"], items["v"], scale=cfg.attn_scale, mask_BTS=mask_BTS)
-        return output_projection(self, o), cache
+            items = cache = write_cache(cache, items, start_B)
+        o_BTHE = attend(self.query(x_BTM, rope), items["k"], items["v"], scale=cfg.attn_scale, mask_BTS=mask_BTS)
+        return project_out(cfg, o_BTHE, self.w_o, self.out_norm), cache

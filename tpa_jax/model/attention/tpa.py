@@ -1,4 +1,5 @@
-"""Tensor Product Attention (paper eqs. 3.1-3.3) and its variants (App. C and G).
+"""Tensor Product Attention (paper eqs. 3.1-3.3) and its variants (App. C and G): the TPA module,
+its factors, what its decode cache holds, and its one-token decode from that cache (FlashTPA).
 
 Each token's query/key/value slice is a scaled sum of outer products of contextual factors:
 
@@ -14,10 +15,14 @@ Variants chosen by the config:
   * ``tpa_order=3``: B is replaced by vec(b (x) c), b in R^{d_b}, c in R^{d_c}, RoPE on b (Thm C.1);
   * ``head_factor_activation``: sigmoid, or softmax over the h entries of each A factor;
   * ``attn_out_norm``: per-head RMSNorm of the attention output before W_O.
+
+Rank letters follow the factor (P = R_Q, R = R_K, U = R_V); a B factor's feature axis is D for
+Q and K, E for V, and X = d_b in third order, whose c factor has length J = d_c.
 """
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import flax.linen as nn
 import jax
@@ -25,20 +30,53 @@ import jax.numpy as jnp
 
 from ...config import ModelConfig
 from ..layers import cast, param, uniform_init
-from ..rope import apply_rope
+from ..rope import Rope, apply_rope
 from . import flashtpa
-from .core import attend, output_params, project_out, write_cache
+from .core import CacheLeaf, attend, output_params, project_out, write_cache
 from .kernels import flashtpa_decode_pallas
+
+RANK_LETTER = {"q": "p", "k": "r", "v": "u"}  # P = R_Q, R = R_K, U = R_V
 
 
 def _xavier_bound(fan_in: int, fan_out: int) -> float:
     return math.sqrt(6.0 / (fan_in + fan_out))
 
 
+def _feature_letter(cfg: ModelConfig, n: str) -> str:
+    """Letter of factor n's B feature axis: X (third order), else D for Q and K, E for V."""
+    return "x" if cfg.tpa_order == 3 else ("e" if n == "v" else "d")
+
+
+def contract(n: str, a: jax.Array, b: jax.Array, rank: int) -> jax.Array:
+    """(1/R) A^T B per position (eq. 3.1) for factor n of rank R: Q [B, T, H, D] from a [B, T, P, H]
+    and b [B, T, P, D]; K [B, S, H, D] from [B, S, R, H] and [B, S, R, D]; V [B, S, H, E] likewise with U."""
+    spec = {"q": "btph,btpd->bthd", "k": "bsrh,bsrd->bshd", "v": "bsuh,bsue->bshe"}[n]
+    return jnp.einsum(spec, a, b) / rank
+
+
 class TPAttention(nn.Module):
     cfg: ModelConfig
 
-    def setup(self):
+    @staticmethod
+    def cache_spec(cfg: ModelConfig) -> dict[str, CacheLeaf]:
+        """Per token and layer, the contextual K/V factors (never K or V): A_K [R, H] and A_V [U, H]
+        (contextual A); B_K [R, d_b] pre-rotated (eq. 3.5) and B_V [U, d_b], or one unrotated
+        B_KV [R, d_b] when shared (contextual B); third order adds c_K [R, d_c] and c_V [U, d_c]."""
+        ranks = {"k": cfg.k_rank, "v": cfg.v_rank}
+        spec = {}
+        if cfg.contextual_a:
+            for n, r in ranks.items():
+                spec[f"a_{n}"] = CacheLeaf((r, cfg.n_head), ("rank", "heads"))
+        if cfg.contextual_b:
+            owners = {"kv": cfg.k_rank} if cfg.shared_kv_b else ranks
+            for n, r in owners.items():
+                spec[f"b_{n}"] = CacheLeaf((r, cfg.b_dim), ("rank", "factor_dim"))
+        if cfg.tpa_order == 3:
+            for n, r in ranks.items():
+                spec[f"c_{n}"] = CacheLeaf((r, cfg.tpa_c_dim), ("rank", "factor_dim"))
+        return spec
+
+    def setup(self) -> None:
         cfg = self.cfg
         m, h, d, db = cfg.d_model, cfg.n_head, cfg.head_dim, cfg.b_dim
         official = cfg.factor_init == "official"
@@ -59,18 +97,18 @@ class TPAttention(nn.Module):
                 continue
             if cfg.contextual_b:
                 bound = _xavier_bound(r * db, m * db) if official else _xavier_bound(m, r * db)
-                b_w[n] = param(self, f"w_b{n}", uniform_init(bound), (m, r, db), ("embed", "rank", "head_dim"))
+                b_w[n] = param(self, f"w_b{n}", uniform_init(bound), (m, r, db), ("embed", "rank", "factor_dim"))
             else:
-                b_w[n] = param(self, f"b_{n}", uniform_init(_xavier_bound(r, db)), (r, db), ("rank", "head_dim"))
+                b_w[n] = param(self, f"b_{n}", uniform_init(_xavier_bound(r, db)), (r, db), ("rank", "factor_dim"))
             if cfg.tpa_order == 3:
                 dc = cfg.tpa_c_dim
                 bound = _xavier_bound(r * dc, m * dc) if official else _xavier_bound(m, r * dc)
-                c_w[n] = param(self, f"w_c{n}", uniform_init(bound), (m, r, dc), ("embed", "rank", "head_dim"))
+                c_w[n] = param(self, f"w_c{n}", uniform_init(bound), (m, r, dc), ("embed", "rank", "factor_dim"))
         self.a_w, self.b_w, self.c_w = a_w, b_w, c_w
         self.w_o, self.out_norm = output_params(self)
 
-    # ---------------------------------------------------------------- factors
-    def _act(self, a):
+    # ---------------------------------------------------------------- factors of one tensor n in {q, k, v}
+    def _act(self, a: jax.Array) -> jax.Array:
         cfg = self.cfg
         if cfg.head_factor_activation == "sigmoid":
             return jax.nn.sigmoid(a)
@@ -78,62 +116,66 @@ class TPAttention(nn.Module):
             return jax.nn.softmax(a.astype(jnp.float32), axis=-1).astype(a.dtype)
         return a
 
-    def _a(self, x, n: str):
-        """Head-dimension factor A, [B, T, R, H] (or [1, 1, R, H] when non-contextual)."""
+    def _a(self, x_BTM: jax.Array, n: str) -> jax.Array:
+        """Head-dimension factor A of tensor n: [B, T, P|R|U, H] ([1, 1, ., H] when non-contextual)."""
         cfg = self.cfg
         w = cast(self.a_w[n], cfg)
-        return self._act(jnp.einsum("btm,mrh->btrh", x, w) if cfg.contextual_a else w[None, None])
+        if not cfg.contextual_a:
+            return self._act(w[None, None])
+        r = RANK_LETTER[n]
+        return self._act(jnp.einsum(f"btm,m{r}h->bt{r}h", x_BTM, w))
 
-    def _b_raw(self, x, n: str):
-        """B before RoPE, [B, T, R, d_b] (broadcast constant when non-contextual)."""
+    def _b_raw(self, x_BTM: jax.Array, n: str) -> jax.Array:
+        """B of tensor n before RoPE, [B, T, P|R|U, d_b] (a broadcast constant when non-contextual)."""
         cfg = self.cfg
         w = cast(self.b_w[n], cfg)
-        if cfg.contextual_b:
-            return jnp.einsum("btm,mrd->btrd", x, w)
-        return jnp.broadcast_to(w[None, None], (x.shape[0], x.shape[1]) + w.shape)
+        if not cfg.contextual_b:
+            return jnp.broadcast_to(w[None, None], (x_BTM.shape[0], x_BTM.shape[1]) + w.shape)
+        r, f = RANK_LETTER[n], _feature_letter(cfg, n)
+        return jnp.einsum(f"btm,m{r}{f}->bt{r}{f}", x_BTM, w)
 
-    def _c(self, x, n: str):
-        return jnp.einsum("btm,mrc->btrc", x, cast(self.c_w[n], self.cfg))
+    def _c(self, x_BTM: jax.Array, n: str) -> jax.Array:
+        """Third-order c factor of tensor n, [B, T, P|R|U, J]."""
+        r = RANK_LETTER[n]
+        return jnp.einsum(f"btm,m{r}j->bt{r}j", x_BTM, cast(self.c_w[n], self.cfg))
 
     @staticmethod
-    def vec_bc(b_BTRD, c_BTRC):
-        """Third order: vec(b (x) c) stacks the columns of b c^T, so index j * d_b + i (Thm C.1)."""
-        return jnp.einsum("btrc,btrd->btrcd", c_BTRC, b_BTRD).reshape(*b_BTRD.shape[:3], -1)
+    def vec_bc(n: str, b: jax.Array, c: jax.Array) -> jax.Array:
+        """Third order: vec(b (x) c) of b [B, T, ., X] and c [B, T, ., J] stacks the columns of
+        b c^T, so entry j * d_b + i (Thm C.1): [B, T, ., X J]."""
+        r = RANK_LETTER[n]
+        return jnp.einsum(f"bt{r}j,bt{r}x->bt{r}jx", c, b).reshape(*b.shape[:3], -1)
 
-    def _b(self, x, n: str, rope):
-        """Token-dimension factor B, [B, T, R, d_h], RoPE'd when ``rope`` is given (RoPE on b, then vec)."""
-        b = self._b_raw(x, n)
+    def _b(self, x_BTM: jax.Array, n: str, rope: Optional[Rope]) -> jax.Array:
+        """Token-dimension factor B of tensor n, [B, T, P|R|U, D], RoPE'd when ``rope`` is given
+        (RoPE on b, then vec in third order)."""
+        b = self._b_raw(x_BTM, n)
         if rope is not None:
             b = apply_rope(b, *rope)
-        return self.vec_bc(b, self._c(x, n)) if self.cfg.tpa_order == 3 else b
-
-    @staticmethod
-    def contract(a_BTRH, b_BTRD, rank: int):
-        """(1/R) A^T B per token: [B, T, H, D]  (eq. 3.1)."""
-        return jnp.einsum("btrh,btrd->bthd", a_BTRH, b_BTRD) / rank
+        return self.vec_bc(n, b, self._c(x_BTM, n)) if self.cfg.tpa_order == 3 else b
 
     # ---------------------------------------------------------------- what a decode cache holds
-    def kv_items(self, x, rope):
-        """The per-token K/V factors a decode cache stores (never K or V themselves):
-        a_k, a_v (contextual A), b_k pre-rotated (eq. 3.5) and b_v, or one unrotated b_kv when
-        shared; third order keeps b and c apart ((R_K + R_V)(h + d_b + d_c) numbers)."""
+    def kv_items(self, x_BTM: jax.Array, rope: Rope) -> dict[str, jax.Array]:
+        """The leaves of ``cache_spec`` for T new tokens, each [B, T, *per-token shape]: a_k, a_v,
+        b_k pre-rotated (eq. 3.5) and b_v, or one unrotated b_kv when shared; third order c_k, c_v."""
         cfg = self.cfg
-        x = cast(x, cfg)
+        x_BTM = cast(x_BTM, cfg)
         items = {}
         if cfg.contextual_a:
-            items["a_k"], items["a_v"] = self._a(x, "k"), self._a(x, "v")
+            items["a_k"], items["a_v"] = self._a(x_BTM, "k"), self._a(x_BTM, "v")
         if cfg.contextual_b:
             if cfg.shared_kv_b:
-                items["b_kv"] = self._b_raw(x, "k")
+                items["b_kv"] = self._b_raw(x_BTM, "k")
             else:
-                items["b_k"] = apply_rope(self._b_raw(x, "k"), *rope)
-                items["b_v"] = self._b_raw(x, "v")
+                items["b_k"] = apply_rope(self._b_raw(x_BTM, "k"), *rope)
+                items["b_v"] = self._b_raw(x_BTM, "v")
         if cfg.tpa_order == 3:
-            items["c_k"], items["c_v"] = self._c(x, "k"), self._c(x, "v")
+            items["c_k"], items["c_v"] = self._c(x_BTM, "k"), self._c(x_BTM, "v")
         return items
 
-    def kv_factors(self, items, key_rope, batch: int, length: int):
-        """Full K/V factors [B, S, R, .] over ``length`` key positions from cached items."""
+    def kv_factors(self, items: dict[str, jax.Array], key_rope: Rope, batch: int, length: int) -> dict[str, jax.Array]:
+        """Full K/V factors over ``length`` key positions from cached items: a_k [B, S, R, H],
+        b_k [B, S, R, D] (rotated), a_v [B, S, U, H], b_v [B, S, U, E]."""
         cfg = self.cfg
         f = {}
         for n in ("k", "v"):
@@ -150,61 +192,66 @@ class TPAttention(nn.Module):
             if n == "k" and (cfg.shared_kv_b or not cfg.contextual_b):
                 b = apply_rope(b, *key_rope)  # these are not stored pre-rotated
             if cfg.tpa_order == 3:
-                b = self.vec_bc(b, items[f"c_{n}"])
+                b = self.vec_bc(n, b, items[f"c_{n}"])
             f[f"b_{n}"] = b
         return f
 
-    def factors(self, x, rope):
-        """All factors of one layer: a_q/b_q (TPA only), a_k, b_k (pre-rotated), a_v, b_v."""
+    def factors(self, x_BTM: jax.Array, rope: Rope) -> dict[str, jax.Array]:
+        """All factors of one layer for T tokens: a_q, b_q (TPA only), a_k, b_k (rotated), a_v, b_v."""
         cfg = self.cfg
-        x = cast(x, cfg)
-        f = self.kv_factors(self.kv_items(x, rope), rope, x.shape[0], x.shape[1])
+        x_BTM = cast(x_BTM, cfg)
+        f = self.kv_factors(self.kv_items(x_BTM, rope), rope, x_BTM.shape[0], x_BTM.shape[1])
         if cfg.attention == "tpa":
-            f["a_q"], f["b_q"] = self._a(x, "q"), self._b(x, "q", rope)
+            f["a_q"], f["b_q"] = self._a(x_BTM, "q"), self._b(x_BTM, "q", rope)
         return f
 
-    def query(self, x, rope):
+    def query(self, x_BTM: jax.Array, rope: Rope) -> jax.Array:
+        """The RoPE'd query [B, T, H, D]: contracted factors (TPA) or the plain projection (KVonly)."""
         cfg = self.cfg
-        x = cast(x, cfg)
+        x_BTM = cast(x_BTM, cfg)
         if cfg.attention == "tpa":
-            return self.contract(self._a(x, "q"), self._b(x, "q", rope), cfg.q_rank)
-        return apply_rope(jnp.einsum("btm,mhd->bthd", x, cast(self.w_q, cfg)), *rope)
+            return contract("q", self._a(x_BTM, "q"), self._b(x_BTM, "q", rope), cfg.q_rank)
+        return apply_rope(jnp.einsum("btm,mhd->bthd", x_BTM, cast(self.w_q, cfg)), *rope)
 
-    def flash_decode(self, x_B1M, rope, key_rope, cache, lengths_B):
+    # ---------------------------------------------------------------- attention
+    def flash_decode(self, x_B1M: jax.Array, rope: Rope, key_rope: Rope, cache: dict[str, jax.Array],
+                     lengths_B: jax.Array) -> jax.Array:
         """One-token decode straight from the factor cache (FlashTPA, paper Alg. 2): K and V are
         never formed.  ``lengths_B`` counts the valid cache rows, the new token's included."""
         cfg = self.cfg
-        x = cast(x_B1M, cfg)
+        x_B1M = cast(x_B1M, cfg)
         s = jax.tree_util.tree_leaves(cache)[0].shape[1]
-        f = self.kv_factors(cache, key_rope, x.shape[0], s)
+        f = self.kv_factors(cache, key_rope, x_B1M.shape[0], s)
         kv = (f["a_k"], f["b_k"], f["a_v"], f["b_v"], lengths_B)
         kw = dict(k_rank=cfg.k_rank, v_rank=cfg.v_rank, scale=cfg.attn_scale, block_size=cfg.decode_block_size)
         if cfg.attention == "tpa_kvonly":
-            o = flashtpa.flashtpa_decode_plain_q(self.query(x, rope)[:, 0], *kv, **kw)
+            o_BHE = flashtpa.flashtpa_decode_plain_q(self.query(x_B1M, rope)[:, 0], *kv, **kw)
         else:
-            a_q, b_q = self._a(x, "q")[:, 0], self._b(x, "q", rope)[:, 0]
-            if cfg.decode_impl == "pallas":
-                o = flashtpa_decode_pallas(a_q, b_q, *kv, q_rank=cfg.q_rank, **kw,
-                                           interpret=jax.default_backend() == "cpu")
+            a_q_BPH, b_q_BPD = self._a(x_B1M, "q")[:, 0], self._b(x_B1M, "q", rope)[:, 0]
+            if cfg.decode_impl == "pallas":  # the Pallas interpreter when jax runs on CPU
+                o_BHE = flashtpa_decode_pallas(a_q_BPH, b_q_BPD, *kv, q_rank=cfg.q_rank, **kw,
+                                               interpret=jax.default_backend() == "cpu")
             else:
-                o = flashtpa.flashtpa_decode(a_q, b_q, *kv, q_rank=cfg.q_rank, **kw)
-        return project_out(cfg, o[:, None].astype(x.dtype), self.w_o, self.out_norm)
+                o_BHE = flashtpa.flashtpa_decode(a_q_BPH, b_q_BPD, *kv, q_rank=cfg.q_rank, **kw)
+        return project_out(cfg, o_BHE[:, None].astype(x_B1M.dtype), self.w_o, self.out_norm)
 
-    def __call__(self, x_BTM, rope, mask_BTS, cache=None, key_rope=None, start=None):
+    def __call__(self, x_BTM: jax.Array, rope: Rope, mask_BTS: jax.Array, cache: Optional[dict[str, jax.Array]] = None,
+                 key_rope: Optional[Rope] = None, start_B: Optional[jax.Array] = None,
+                 ) -> tuple[jax.Array, Optional[dict[str, jax.Array]]]:
         """Full attention (cache None) or cached prefill/decode: the new tokens' items are written
-        into ``cache`` at ``start`` and attention reads the whole cache.  Returns (out, cache)."""
+        into ``cache`` at rows ``start_B`` and attention reads the whole cache.  Returns (out [B, T, M], cache)."""
         cfg = self.cfg
         items = self.kv_items(x_BTM, rope)
         if cache is not None:
-            cache = write_cache(cache, items, start)
+            cache = write_cache(cache, items, start_B)
             if x_BTM.shape[1] == 1 and cfg.decode_impl != "materialize":
-                return self.flash_decode(x_BTM, rope, key_rope, cache, start + 1), cache
+                return self.flash_decode(x_BTM, rope, key_rope, cache, start_B + 1), cache
             items = cache
         else:
             key_rope = rope
         s = mask_BTS.shape[-1]
         f = self.kv_factors(items, key_rope, x_BTM.shape[0], s)
-        k = self.contract(f["a_k"], f["b_k"], cfg.k_rank)
-        v = self.contract(f["a_v"], f["b_v"], cfg.v_rank)
-        o = attend(self.query(x_BTM, rope), k, v, scale=cfg.attn_scale, mask_BTS=mask_BTS)
-        return project_out(cfg, o, self.w_o, self.out_norm), cache
+        k_BSHD = contract("k", f["a_k"], f["b_k"], cfg.k_rank)
+        v_BSHE = contract("v", f["a_v"], f["b_v"], cfg.v_rank)
+        o_BTHE = attend(self.query(x_BTM, rope), k_BSHD, v_BSHE, scale=cfg.attn_scale, mask_BTS=mask_BTS)
+        return project_out(cfg, o_BTHE, self.w_o, self.out_norm), cache
