@@ -46,6 +46,10 @@ def test_swiglu_formula():
     want = (a / (1 + np.exp(-a)) * (x @ w2)) @ w3
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
     assert CFG.ffn_dim == 20 and dataclasses.replace(CFG, mlp_hidden=None).ffn_dim == int(8 * 12 / 3)
+    # init: W1, W2 as torch's nn.Linear (U(+-1/sqrt(M))), W3 zero so each block starts as the identity
+    init = nn.meta.unbox(SwiGLU(CFG).init(jax.random.key(0), jnp.zeros((1, 1, m)))["params"])
+    assert 0.9 / np.sqrt(m) < float(jnp.abs(init["w1"]).max()) <= 1 / np.sqrt(m)
+    assert not np.any(np.asarray(init["w3"]))
 
 
 def test_embedding_lookup_and_tied_head():

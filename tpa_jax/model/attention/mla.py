@@ -25,6 +25,8 @@ from .core import CacheLeaf, attend, output_params, project_out, write_cache
 
 
 class MLAttention(nn.Module):
+    """MLA with decoupled RoPE; decode steps score in the latent space unless ``decode_impl="materialize"``."""
+
     cfg: ModelConfig
 
     @staticmethod

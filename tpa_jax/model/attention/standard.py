@@ -15,6 +15,8 @@ from .core import CacheLeaf, attend, output_params, project_out, write_cache
 
 
 class StandardAttention(nn.Module):
+    """MHA (K = H), MQA (K = 1) or GQA (K = n_kv_head) key/value heads, RoPE on q and k."""
+
     cfg: ModelConfig
 
     @staticmethod

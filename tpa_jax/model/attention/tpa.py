@@ -55,6 +55,8 @@ def contract(n: str, a: jax.Array, b: jax.Array, rank: int) -> jax.Array:
 
 
 class TPAttention(nn.Module):
+    """TPA or TPA-KVonly with the variants ``cfg`` selects (see the module docstring)."""
+
     cfg: ModelConfig
 
     @staticmethod
