@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from .config import ModelConfig
+from .config import MeshConfig, ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -87,16 +87,18 @@ def _log_once(msg: str) -> None:
 
 # ---------------------------------------------------------------------------------------------- mesh
 def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Optional[Sequence] = None) -> Mesh:
-    """A ("data", "fsdp", "tensor") mesh with Auto axis types; one size may be -1 (= the rest)."""
+    """A ("data", "fsdp", "tensor") mesh with Auto axis types; one size may be -1 (= the rest).
+
+    The sizes are validated by ``MeshConfig`` (the one place for that rule); what depends on the
+    devices present is checked here."""
+    try:
+        MeshConfig(data=data, fsdp=fsdp, tensor=tensor)
+    except ValueError as e:
+        raise ValueError(f"make_mesh: {e}") from None
     devices = list(jax.devices() if devices is None else devices)
     n = len(devices)
     sizes = {"data": data, "fsdp": fsdp, "tensor": tensor}
-    for name, v in sizes.items():
-        if isinstance(v, bool) or not isinstance(v, int) or (v < 1 and v != -1):
-            raise ValueError(f"make_mesh: {name} must be a positive integer or -1, got {v!r}")
     fill = [k for k, v in sizes.items() if v == -1]
-    if len(fill) > 1:
-        raise ValueError(f"make_mesh: at most one axis may be -1, got {fill}")
     known = math.prod(v for v in sizes.values() if v != -1)
     if fill:
         if n % known:
