@@ -349,6 +349,8 @@ class TrainConfig:
     profile_steps: Optional[tuple] = None  # (start, stop) step range for a jax.profiler trace
     sample_tokens: int = 200  # greedy sample length printed at the end (0: none)
     sample_prompt: str = "def "
+    # resuming with a changed model / data / seed / batch_size: "refuse" (one-line error) or "allow" (logged)
+    resume_changes: str = "refuse"
 
     def __post_init__(self):
         if isinstance(self.model, Mapping):
@@ -365,6 +367,8 @@ class TrainConfig:
         _check("TrainConfig", "batch_size", self.batch_size % self.optim.accum_steps == 0,
                f"a multiple of optim.accum_steps={self.optim.accum_steps}", self.batch_size)
         _check("TrainConfig", "nan_policy", self.nan_policy in ("stop", "skip"), "'stop' or 'skip'", self.nan_policy)
+        _check("TrainConfig", "resume_changes", self.resume_changes in ("refuse", "allow"), "'refuse' or 'allow'",
+               self.resume_changes)
         _check("TrainConfig", "data.seq_len", self.data.seq_len <= self.model.max_seq_len,
                f"<= the model's max_seq_len={self.model.max_seq_len}", self.data.seq_len)
         if self.profile_steps is not None:

@@ -1,5 +1,6 @@
 """Checkpoints: save and restore onto sharded targets, metadata alone, and the fallback past a
-newest checkpoint that cannot be read (reported, kept on disk), both directly and when a run resumes."""
+newest checkpoint that cannot be read: reported and kept in place when read directly, moved aside
+to quarantine (never deleted) when a run resumes."""
 import logging
 import os
 import shutil
@@ -74,4 +75,7 @@ def test_resume_falls_back_past_a_corrupt_latest_checkpoint(tmp_path, corpus, st
     resumed = train(make_cfg(tmp_path, corpus, steps=STEPS, save_every=100), progress=False, stop_at_step=9)
     assert resumed["start_step"] == 8
     assert "could not be restored" in caplog.text
-    assert os.path.isdir(tmp_path / "checkpoints" / "16")  # kept for inspection, not deleted
+    assert not os.path.exists(tmp_path / "checkpoints" / "16")
+    (moved,) = os.listdir(tmp_path / "checkpoints" / "quarantine")  # moved aside, not deleted
+    assert moved.startswith("16-") and os.path.isdir(tmp_path / "checkpoints" / "quarantine" / moved / "state")
+    assert ckpt.manager(tmp_path / "checkpoints", read_only=True).all_steps() == [8, 9]

@@ -88,7 +88,7 @@ def test_restore_onto_a_different_mesh(tmp_path, corpus, straight):
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, corpus):
     cfg = make_cfg(tmp_path, corpus, steps=30, save_every=1, keep=50,
                    optim=OptimConfig(lr=1e30, min_lr=0.0, warmup_steps=0, grad_clip=0.0))
-    with pytest.raises(NonFiniteLossError, match="non-finite loss at step"):
+    with pytest.raises(NonFiniteLossError, match="non-finite (loss|gradient norm|params) at step"):
         train(cfg, progress=False)
     steps = ckpt.manager(tmp_path / "checkpoints", read_only=True).all_steps()
     assert steps, "the good checkpoints before the failure are kept"

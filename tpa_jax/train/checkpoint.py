@@ -1,12 +1,15 @@
 """Orbax checkpoints of a training run: the state (params, optimizer, step) plus JSON metadata
 (config, data-iterator state, tokenizer manifest).  Restores go onto an abstract target carrying
 the *current* shardings, so a run saved on one mesh resumes on another; a newest checkpoint that
-fails to restore is reported with a warning, kept on disk, and the previous one is used.
+fails to restore is reported with a warning and the previous one is used.  Readers leave it where it
+is; a resuming run moves it aside into ``quarantine/<step>-<UTC time>/`` (never deleting it) so that
+it neither shadows the steps trained after the resume nor takes a place in rotation.
 """
 from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import Any, Callable, Optional, TypeVar, Union
 
 import jax
@@ -45,11 +48,31 @@ def restore_meta(mngr: ocp.CheckpointManager, step: int) -> dict:
     return mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
 
+QUARANTINE = "quarantine"
+
+
+def quarantine_step(mngr: ocp.CheckpointManager, step: int) -> str:
+    """Move ``step``'s directory to ``quarantine/<step>-<UTC time>/`` beside the steps (a rename);
+    the new path.  The caller reloads the manager."""
+    src = os.path.join(str(mngr.directory), str(step))
+    if not os.path.isdir(src):
+        raise CheckpointError(f"checkpoint step {step}: expected its directory at {src}")
+    qdir = os.path.join(str(mngr.directory), QUARANTINE)
+    os.makedirs(qdir, exist_ok=True)
+    base = dst = os.path.join(qdir, f"{step}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}")
+    n = 1
+    while os.path.exists(dst):
+        dst, n = f"{base}~{n}", n + 1
+    os.rename(src, dst)
+    return dst
+
+
 def restore_newest(mngr: ocp.CheckpointManager, restore: Callable[[int], _T], step: Optional[int] = None,
-                   what: str = "restored") -> tuple[int, _T]:
+                   what: str = "restored", quarantine: bool = False) -> tuple[int, _T]:
     """``(step, restore(step))`` for the newest step whose ``restore`` succeeds (or for ``step``).
 
-    Steps that fail are reported and left on disk; CheckpointError (one line) when none works or
+    Steps that fail are reported and left on disk, or with ``quarantine`` moved aside
+    (``quarantine_step``) and the manager reloaded; CheckpointError (one line) when none works or
     ``step`` does not exist.
     """
     steps = sorted(mngr.all_steps(), reverse=True)
@@ -66,20 +89,26 @@ def restore_newest(mngr: ocp.CheckpointManager, restore: Callable[[int], _T], st
             errors.append(f"step {s}: {type(e).__name__}: {first}"[:300])
             log.warning("checkpoint %s in %s could not be %s (%s); trying an older one", s, mngr.directory, what,
                         errors[-1])
+            if quarantine:
+                moved = quarantine_step(mngr, s)
+                mngr.reload()
+                log.warning("checkpoint %s could not be %s and was moved aside to %s", s, what, moved)
             continue
         if errors:
-            log.warning("using step %d; newer checkpoint(s) could not be %s and were kept on disk: %s", s, what,
-                        "; ".join(errors))
+            log.warning("using step %d; newer checkpoint(s) could not be %s and were %s: %s", s, what,
+                        "moved to quarantine" if quarantine else "kept on disk", "; ".join(errors))
         return s, out
     raise CheckpointError(f"no readable checkpoint in {mngr.directory}: " + ("; ".join(errors) or "none saved"))
 
 
-def restore_latest(mngr: ocp.CheckpointManager, abstract_state: Any,
-                   step: Optional[int] = None) -> tuple[int, Any, dict]:
+def restore_latest(mngr: ocp.CheckpointManager, abstract_state: Any, step: Optional[int] = None,
+                   quarantine: bool = False) -> tuple[int, Any, dict]:
     """(step, state, meta) of the newest checkpoint that restores (or of ``step``).
 
-    Raises CheckpointError when none does.  Broken ones are reported and left on disk.
+    Raises CheckpointError when none does.  Broken ones are reported and left on disk, or moved
+    to quarantine with ``quarantine``.
     """
     s, out = restore_newest(mngr, lambda s: mngr.restore(s, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore())), step)
+        state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore())), step,
+        quarantine=quarantine)
     return s, out["state"], out["meta"]

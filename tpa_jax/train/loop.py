@@ -1,7 +1,10 @@
 """The training loop: builds the mesh and the sharded state, reads Grain batches, runs the jitted
 train step, evaluates, writes metrics, saves Orbax checkpoints and resumes from them (on any mesh),
-stops cleanly on SIGTERM / SIGINT, and applies the non-finite-loss policy.  ``train(TrainConfig)``
-is what ``train.py`` runs."""
+stops cleanly on SIGTERM / SIGINT, and applies the non-finite-loss policy.  A run holds its
+run_dir's lock throughout, refuses a resume whose config changes the model or the data order (before
+writing anything), moves an unreadable newest checkpoint to quarantine, trims ``metrics.jsonl`` back
+to the restored step and never saves a non-finite state.  ``train(TrainConfig)`` is what ``train.py``
+runs."""
 from __future__ import annotations
 
 import contextlib
@@ -23,6 +26,7 @@ from ..data import (Tokenizer, check_compatible, eval_batches, is_recall_manifes
                     resolve_manifest)
 from ..inference import generate
 from . import checkpoint as ckpt
+from . import guard
 from .metrics import MetricsWriter, peak_flops
 from .optimizer import lr_schedule, make_optimizer
 from .step import init_state, make_eval_step, make_recall_eval_step, make_train_step
@@ -31,7 +35,7 @@ log = logging.getLogger("tpa_jax.train")
 
 
 class NonFiniteLossError(FloatingPointError):
-    """The loss or gradient norm became NaN/inf (nan_policy='stop')."""
+    """The loss, gradient norm or updated params became NaN/inf (nan_policy='stop')."""
 
 
 class StopFlag:
@@ -101,7 +105,9 @@ def train(tcfg: TrainConfig, *, devices: Optional[Sequence[jax.Device]] = None, 
           stop_at_step: Optional[int] = None) -> dict:
     """Train (or resume) the run in ``tcfg.run_dir``; returns a summary dict.
 
-    ``stop_at_step`` simulates a SIGTERM arriving during that step (used by tests).
+    ``stop_at_step`` simulates a SIGTERM arriving during that step (used by tests).  A run_dir held
+    by another live trainer raises ``guard.RunLockedError``; a resume that changes the model or the
+    data raises ValueError (see ``_check_resume_config``); both before anything is written.
     """
     cfg = tcfg.model
     is_main = jax.process_index() == 0
@@ -114,10 +120,51 @@ def train(tcfg: TrainConfig, *, devices: Optional[Sequence[jax.Device]] = None, 
                          f"{jax.process_count()}, got {tcfg.batch_size}")
 
     os.makedirs(tcfg.run_dir, exist_ok=True)
-    if is_main:
-        with open(os.path.join(tcfg.run_dir, "config.json"), "w") as f:
-            json.dump(tcfg.to_dict(), f, indent=1)
+    with guard.run_lock(tcfg.run_dir, enabled=is_main):
+        _check_resume_config(tcfg, is_main)
+        if is_main:
+            with open(os.path.join(tcfg.run_dir, "config.json"), "w") as f:
+                json.dump(tcfg.to_dict(), f, indent=1)
+        return _train(tcfg, manifest, tokenizer, devices=devices, progress=progress, stop_at_step=stop_at_step)
 
+
+def _check_resume_config(tcfg: TrainConfig, is_main: bool) -> None:
+    """Compare ``tcfg`` with the config stored in the newest checkpoint's metadata: changes to the
+    model, the data or ``seed`` / ``batch_size`` raise ValueError (one line) unless
+    ``resume_changes='allow'``, which logs them and appends them to ``resume_changes.jsonl``; other
+    changes are logged at INFO."""
+    ckpt_dir = os.path.join(tcfg.run_dir, "checkpoints")
+    if not os.path.isdir(ckpt_dir):
+        return
+    mngr = ckpt.manager(ckpt_dir, read_only=True)
+    try:
+        if not mngr.all_steps():
+            return
+        step, meta = ckpt.restore_newest(mngr, lambda s: ckpt.restore_meta(mngr, s), what="read")
+    except ckpt.CheckpointError:  # the resume itself reports unreadable checkpoints
+        return
+    finally:
+        mngr.close()
+    guarded, free = guard.resume_config_changes(meta.get("config", {}), tcfg.to_dict())
+    if free:
+        log.info("resuming step %d with changed settings: %s", step, guard.describe_changes(free))
+    if not guarded:
+        return
+    if tcfg.resume_changes != "allow":
+        raise ValueError(f"resume with a changed config: {guard.describe_changes(guarded)}; start a new run_dir "
+                         f"or set resume_changes='allow'")
+    log.warning("resuming step %d with a changed model/data config (resume_changes='allow'): %s", step,
+                guard.describe_changes(guarded))
+    if is_main:
+        with open(os.path.join(tcfg.run_dir, "resume_changes.jsonl"), "a") as f:
+            f.write(json.dumps({"event": "resume_changes", "step": step, "changes": guarded}) + "\n")
+
+
+def _train(tcfg: TrainConfig, manifest: dict, tokenizer: Tokenizer, *, devices: Optional[Sequence[jax.Device]],
+           progress: bool, stop_at_step: Optional[int]) -> dict:
+    """The body of ``train`` once the inputs are checked and the run_dir is locked."""
+    cfg = tcfg.model
+    is_main = jax.process_index() == 0
     # ---- mesh and sharded state
     mesh = parallel.mesh_from_config(tcfg.mesh, devices=devices)
     seq = tcfg.data.seq_len
@@ -132,10 +179,14 @@ def train(tcfg: TrainConfig, *, devices: Optional[Sequence[jax.Device]] = None, 
     iterator = make_iterator(manifest, "train", seq, tcfg.batch_size, tcfg.seed,
                              process_index=jax.process_index(), process_count=jax.process_count())
     mngr = ckpt.manager(os.path.join(tcfg.run_dir, "checkpoints"), tcfg.keep, tcfg.keep_every)
-    step = 0
-    if mngr.all_steps():
-        step, state, meta = ckpt.restore_latest(mngr, ckpt.abstract_like(state))
+    step, last_good = 0, None
+    if mngr.all_steps():  # an unreadable newest step is moved aside (by the one process that writes)
+        step, state, meta = ckpt.restore_latest(mngr, ckpt.abstract_like(state),
+                                                quarantine=jax.process_count() == 1)
+        last_good = step
         iterator.set_state(meta["data_iter"])
+        if is_main and guard.trim_metrics(tcfg.run_dir, step):
+            log.info("dropped the metrics records past step %d from %s", step, tcfg.run_dir)
         log.info("resumed from %s at step %d", mngr.directory, step)
         if is_main:
             print(f"resumed from step {step}", flush=True)
@@ -159,7 +210,7 @@ def train(tcfg: TrainConfig, *, devices: Optional[Sequence[jax.Device]] = None, 
     peak = peak_flops()
     n_chips = mesh.devices.size
     tokens_per_step = tcfg.batch_size * seq
-    pending, last_good = [], step
+    pending, params_ok = [], True
     stop = StopFlag()
     summary = {"start_step": step}
     bar = None
@@ -170,16 +221,21 @@ def train(tcfg: TrainConfig, *, devices: Optional[Sequence[jax.Device]] = None, 
 
     def flush():
         """Fetch pending per-step metrics, check them, write them."""
-        nonlocal pending
+        nonlocal pending, params_ok
         if not pending:
             return None
         fetched = jax.device_get([m for _, m, _ in pending])
         rec = None
         for (s, _, dt), m in zip(pending, fetched):
+            params_ok = bool(m["params_finite"]) or (tcfg.nan_policy == "skip")  # skip keeps the old params
             if not bool(m["finite"]) and tcfg.nan_policy == "stop":
+                what = ("loss" if not np.isfinite(float(m["loss"])) else
+                        "gradient norm" if not np.isfinite(float(m["grad_norm"])) else "params")
+                good = (f"last good checkpoint: step {last_good} in {mngr.directory}" if last_good is not None
+                        else f"no checkpoint was saved in {mngr.directory}")
                 raise NonFiniteLossError(
-                    f"non-finite loss at step {s} (loss={float(m['loss'])}, grad_norm={float(m['grad_norm'])}); "
-                    f"last good checkpoint: step {last_good} in {mngr.directory}")
+                    f"non-finite {what} at step {s} (loss={float(m['loss'])}, grad_norm={float(m['grad_norm'])}, "
+                    f"updated params finite: {bool(m['params_finite'])}); {good}")
             tps = tokens_per_step / dt if dt > 0 else None
             rec = {"step": s, "loss": float(m["loss"]), "lr": float(m["lr"]), "grad_norm": float(m["grad_norm"]),
                    "step_time": dt, "tokens_per_s": tps,
@@ -195,8 +251,11 @@ def train(tcfg: TrainConfig, *, devices: Optional[Sequence[jax.Device]] = None, 
     def save(s, force=False):
         nonlocal last_good
         flush()  # never save a non-finite state under nan_policy="stop"
-        ckpt.save(mngr, s, state, meta_at(s), force=force)
-        last_good = s
+        if not params_ok:
+            log.warning("step %d: not saving a checkpoint of non-finite params", s)
+            return
+        if ckpt.save(mngr, s, state, meta_at(s), force=force):
+            last_good = s
 
     if step == 0:  # the baseline the final validation loss is compared with
         rec = {"step": 0, **evaluate(eval_fn, state["params"], manifest, tcfg, eval_sh)}

@@ -21,12 +21,13 @@ Batch = dict  # {"inputs": int32 [B, T], "targets": int32 [B, T]}
 
 def make_train_step(tcfg: TrainConfig, tx: optax.GradientTransformation,
                     schedule: Callable[[Any], jax.Array]) -> Callable[[State, Batch], tuple[State, dict]]:
-    """``(state, batch) -> (state, metrics)`` with metrics {"loss", "grad_norm", "lr", "finite"}.
+    """``(state, batch) -> (state, metrics)`` with metrics {"loss", "grad_norm", "lr", "finite",
+    "params_finite"}: ``finite`` holds when the loss, the gradient norm and the updated params all are.
 
     The global batch is split into ``accum_steps`` micro-batches whose gradients are averaged inside
     one ``lax.scan``, so k micro-steps of b equal one step of k*b.  Under ``nan_policy="skip"`` an
-    update whose loss or gradient norm is not finite is dropped (params and optimizer state kept);
-    the step counter advances either way.
+    update whose loss, gradient norm or updated params are not finite is dropped (params and optimizer
+    state kept); the step counter advances either way.
     """
     accum = tcfg.optim.accum_steps
     skip_nonfinite = tcfg.nan_policy == "skip"
@@ -51,11 +52,13 @@ def make_train_step(tcfg: TrainConfig, tx: optax.GradientTransformation,
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        params_finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(p)) for p in jax.tree_util.tree_leaves(new_params)]))
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & params_finite
         if skip_nonfinite:
             keep = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, old)
             new_params, opt_state = keep(new_params, params), keep(opt_state, state["opt_state"])
-        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state["step"]), "finite": finite}
+        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state["step"]), "finite": finite,
+                   "params_finite": params_finite}
         return {"step": state["step"] + 1, "params": new_params, "opt_state": opt_state}, metrics
 
     return step
