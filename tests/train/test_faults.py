@@ -19,7 +19,7 @@ from tpa_jax.train import guard
 from tpa_jax.train.metrics import read_metrics
 
 from _train_util import LR, MIN_LR, STEPS, WARMUP, make_cfg
-from test_checkpoint import corrupt
+from test_checkpoint import corrupt, state_at
 
 
 def snapshot(run_dir):
@@ -131,6 +131,27 @@ def test_corrupt_newest_step_is_quarantined_and_metrics_hold_each_step_once(tmp_
     assert train_steps == list(range(1, 13))  # 9 and 10 of the first attempt were dropped
     val_steps = [r["step"] for r in recs if "val_loss" in r]
     assert val_steps == [0, 3, 6, 9, 12] and not os.path.exists(tmp_path / "metrics.jsonl.tmp")
+
+
+def test_quarantine_moves_only_steps_newer_than_a_good_one(tmp_path):
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    mngr = ckpt.manager(tmp_path / "ck", async_save=False)
+    for s in (1, 2, 3):
+        ckpt.save(mngr, s, state_at(s, sharding), {"step": s})
+    misfit = ckpt.abstract_like({"step": state_at(0, sharding)["step"],
+                                 "w": jax.device_put(np.zeros((8, 8), np.float32), sharding)})
+    with pytest.raises(ckpt.CheckpointError, match="no readable checkpoint"):
+        ckpt.restore_latest(mngr, misfit, quarantine=True)  # fails at every step: nothing is moved
+    assert mngr.all_steps() == [1, 2, 3] and not os.path.exists(tmp_path / "ck" / "quarantine")
+
+    corrupt(tmp_path / "ck" / "3")
+    step, _, meta = ckpt.restore_latest(mngr, ckpt.abstract_like(state_at(0, sharding)), quarantine=True)
+    assert (step, meta["step"]) == (2, 2) and mngr.all_steps() == [1, 2]
+    (moved,) = os.listdir(tmp_path / "ck" / "quarantine")
+    assert moved.startswith("3-")
+    ckpt.save(mngr, 3, state_at(3, sharding), {"step": 3})  # the number is free again
+    assert mngr.all_steps() == [1, 2, 3] and ckpt.restore_meta(mngr, 3) == {"step": 3}
+    mngr.close()
 
 
 def test_trim_metrics_is_atomic_and_keeps_earlier_records(tmp_path):

@@ -72,15 +72,16 @@ def restore_newest(mngr: ocp.CheckpointManager, restore: Callable[[int], _T], st
     """``(step, restore(step))`` for the newest step whose ``restore`` succeeds (or for ``step``).
 
     Steps that fail are reported and left on disk, or with ``quarantine`` moved aside
-    (``quarantine_step``) and the manager reloaded; CheckpointError (one line) when none works or
-    ``step`` does not exist.
+    (``quarantine_step``, then the manager is reloaded) once an older step has restored, so that
+    a failure common to every step (a target that does not fit) moves nothing; CheckpointError
+    (one line) when none works or ``step`` does not exist.
     """
     steps = sorted(mngr.all_steps(), reverse=True)
     if step is not None:
         if step not in steps:
             raise CheckpointError(f"checkpoint step {step} not found in {mngr.directory} (have {sorted(steps)})")
         steps = [step]
-    errors = []
+    errors, failed = [], []
     for s in steps:
         try:
             out = restore(s)
@@ -89,11 +90,13 @@ def restore_newest(mngr: ocp.CheckpointManager, restore: Callable[[int], _T], st
             errors.append(f"step {s}: {type(e).__name__}: {first}"[:300])
             log.warning("checkpoint %s in %s could not be %s (%s); trying an older one", s, mngr.directory, what,
                         errors[-1])
-            if quarantine:
-                moved = quarantine_step(mngr, s)
-                mngr.reload()
-                log.warning("checkpoint %s could not be %s and was moved aside to %s", s, what, moved)
+            failed.append(s)
             continue
+        if quarantine and failed:  # only once an older step restores: a mismatch failing every step moves nothing
+            for f in failed:
+                log.warning("checkpoint %s could not be %s and was moved aside to %s", f, what,
+                            quarantine_step(mngr, f))
+            mngr.reload()
         if errors:
             log.warning("using step %d; newer checkpoint(s) could not be %s and were %s: %s", s, what,
                         "moved to quarantine" if quarantine else "kept on disk", "; ".join(errors))
