@@ -48,3 +48,15 @@ def test_default_config_is_the_tiny_t6():
     path = default_config_path()
     assert path.endswith(os.path.join("configs", "t6-tiny.json")) and os.path.isfile(path)
     assert json.load(open(path))["model"] == "t6-tiny"
+
+
+def test_locked_run_dir_is_one_error_line_and_exit_code_2(tmp_path, corpus, capsys):
+    from tpa_jax.train.guard import run_lock
+
+    run = tmp_path / "run"
+    run.mkdir()
+    with run_lock(str(run)):
+        code = main(["--no-progress", f"run_dir={run}", "data.source=manifest", f"data.path={corpus}",
+                     "data.seq_len=32"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("error: ") and "another process" in err and "\n" not in err

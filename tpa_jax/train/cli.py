@@ -61,6 +61,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     _maybe_init_distributed()
     from ..accounting import model_params
     from .checkpoint import CheckpointError
+    from .guard import RunLockedError
     from .loop import NonFiniteLossError, train
 
     cfg = tcfg.model
@@ -68,7 +69,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           f"params={model_params(cfg):,}; run_dir={tcfg.run_dir}", flush=True)
     try:
         summary = train(tcfg, progress=not args.no_progress)
-    except (ValueError, FileNotFoundError, NonFiniteLossError, CheckpointError) as e:
+    except (ValueError, FileNotFoundError, NonFiniteLossError, CheckpointError, RunLockedError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if summary["interrupted"]:
