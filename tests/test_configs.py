@@ -165,8 +165,8 @@ def test_config_file_errors_are_one_line(tmp_path):
     (["model.n_layer.x=3"], ("model.n_layer.x", "'n_layer'", "not a group of fields")),
     (["steps"], ("'steps'", "key.path=value")),
     (["model=t7-tiny"], ("unknown model config", "'t7-tiny'")),
-    (["optim.lrr=1"], ("OptimConfig", "'lrr'")),
-    (["model.n_heads=4"], ("ModelConfig", "'n_heads'")),
+    (["optim.lrr=1"], ("'optim.lrr'", "did you mean 'optim.lr'?")),
+    (["model.n_heads=4"], ("'model.n_heads'", "did you mean 'model.n_head'?")),
     (["data.seq_len=100000"], ("TrainConfig.data.seq_len",)),
 ])
 def test_override_errors_are_one_line(tmp_path, overrides, words):

@@ -7,6 +7,7 @@ what was expected; ``dataclasses.replace(cfg, ...)`` re-runs the checks.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import math
 from typing import Any, Mapping, Optional
@@ -29,7 +30,9 @@ def _from_dict(cls, d: Mapping[str, Any]):
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - known)
     if unknown:
-        raise ValueError(f"{cls.__name__}: unknown field(s) {unknown}; known fields are {sorted(known)}")
+        near = difflib.get_close_matches(unknown[0], known, 1)
+        hint = f"did you mean {near[0]!r}?" if near else f"known fields are {sorted(known)}"
+        raise ValueError(f"{cls.__name__}: unknown field(s) {unknown}; {hint}")
     return cls(**dict(d))
 
 
@@ -268,6 +271,9 @@ class DataConfig:
         _check("DataConfig", "path", self.source != "manifest" or bool(self.path),
                "a manifest path when source='manifest'", self.path)
         _check("DataConfig", "seq_len", _int_ge(self.seq_len, 1), "an integer >= 1", self.seq_len)
+        for f in ("path", "tokenizer", "cache_dir"):
+            v = getattr(self, f)
+            _check("DataConfig", f, isinstance(v, str) or (v is None and f != "tokenizer"), "a string", v)
         for f, lo in (("recall_pairs", 1), ("recall_keys", 1), ("recall_values", 1), ("recall_seed", 0),
                       ("recall_train_examples", 1), ("recall_val_examples", 1)):
             _check("DataConfig", f, _int_ge(getattr(self, f), lo), f"an integer >= {lo}", getattr(self, f))
@@ -301,12 +307,12 @@ class OptimConfig:
     accum_steps: int = 1  # gradient accumulation micro-steps per update
 
     def __post_init__(self):
-        for f in ("lr", "b1", "b2", "eps"):
+        for f, lo in (("lr", 0), ("b1", 0), ("b2", 0), ("eps", 0), ("min_lr", None), ("weight_decay", None),
+                      ("grad_clip", None)):
             v = getattr(self, f)
-            _check("OptimConfig", f, isinstance(v, (int, float)) and v > 0, "a number > 0", v)
-        for f in ("min_lr", "weight_decay", "grad_clip"):
-            v = getattr(self, f)
-            _check("OptimConfig", f, isinstance(v, (int, float)) and v >= 0, "a number >= 0", v)
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            _check("OptimConfig", f, ok and (v > 0 if lo == 0 else v >= 0),
+                   f"a finite number {'>' if lo == 0 else '>='} 0", v)
         _check("OptimConfig", "min_lr", self.min_lr <= self.lr, f"<= lr={self.lr}", self.min_lr)
         _check("OptimConfig", "warmup_steps", _int_ge(self.warmup_steps, 0), "an integer >= 0", self.warmup_steps)
         _check("OptimConfig", "accum_steps", _int_ge(self.accum_steps, 1), "an integer >= 1", self.accum_steps)
@@ -364,6 +370,11 @@ class TrainConfig:
         for f, lo in (("steps", 1), ("batch_size", 1), ("log_every", 1), ("eval_every", 1), ("eval_batches", 1),
                       ("save_every", 1), ("keep", 1), ("seed", 0), ("sample_tokens", 0)):
             _check("TrainConfig", f, _int_ge(getattr(self, f), lo), f"an integer >= {lo}", getattr(self, f))
+        _check("TrainConfig", "seed", self.seed < 2**32, "an integer in [0, 2**32 - 1]", self.seed)
+        _check("TrainConfig", "keep_every", self.keep_every is None or _int_ge(self.keep_every, 1),
+               "None or an integer >= 1", self.keep_every)
+        for f in ("run_dir", "sample_prompt"):
+            _check("TrainConfig", f, isinstance(getattr(self, f), str), "a string", getattr(self, f))
         _check("TrainConfig", "batch_size", self.batch_size % self.optim.accum_steps == 0,
                f"a multiple of optim.accum_steps={self.optim.accum_steps}", self.batch_size)
         _check("TrainConfig", "nan_policy", self.nan_policy in ("stop", "skip"), "'stop' or 'skip'", self.nan_policy)
@@ -372,7 +383,10 @@ class TrainConfig:
         _check("TrainConfig", "data.seq_len", self.data.seq_len <= self.model.max_seq_len,
                f"<= the model's max_seq_len={self.model.max_seq_len}", self.data.seq_len)
         if self.profile_steps is not None:
-            object.__setattr__(self, "profile_steps", tuple(self.profile_steps))
+            ps = self.profile_steps
+            _check("TrainConfig", "profile_steps", isinstance(ps, (list, tuple)) and len(ps) == 2
+                   and all(_int_ge(v, 0) for v in ps) and ps[0] < ps[1], "None or [start, stop], 0 <= start < stop", ps)
+            object.__setattr__(self, "profile_steps", tuple(ps))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

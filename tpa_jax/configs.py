@@ -11,8 +11,11 @@ a ``"model"`` entry may be a name:
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
+import math
 import os
+import typing
 from typing import Any, Mapping, Optional, Sequence
 
 from .config import ModelConfig, TrainConfig
@@ -152,10 +155,47 @@ def apply_overrides(d: Mapping[str, Any], overrides: Sequence[str]) -> dict:
     return d
 
 
+_KINDS = {int: ("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)),
+          float: ("a finite number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+                  and math.isfinite(v)),
+          bool: ("true or false", lambda v: isinstance(v, bool)),
+          str: ("a string", lambda v: isinstance(v, str)),
+          tuple: ("a list", lambda v: isinstance(v, (list, tuple)))}
+
+
+def check_fields(cls: type, d: Mapping[str, Any], prefix: str = "") -> None:
+    """Check a config dict against dataclass ``cls`` recursively before anything is built: an
+    unknown key (with a did-you-mean suggestion) or a value of the wrong kind raises a one-line
+    ``ValueError`` naming the full dotted key."""
+    hints = typing.get_type_hints(cls)
+    for key, value in d.items():
+        name = prefix + str(key)
+        if key not in hints:
+            near = difflib.get_close_matches(str(key), list(hints), 1)
+            hint = f"did you mean {prefix + near[0]!r}?" if near else f"known fields are {sorted(hints)}"
+            raise ValueError(f"unknown field {name!r}; {hint}")
+        kind, args = hints[key], ()
+        if typing.get_origin(kind) is typing.Union:
+            args = [a for a in typing.get_args(kind) if a is not type(None)]
+            if value is None:
+                continue
+            kind = args[0]
+        if dataclasses.is_dataclass(kind):
+            if isinstance(value, Mapping):
+                check_fields(kind, value, name + ".")
+            elif not isinstance(value, kind):
+                raise ValueError(f"{name}: expected a group of fields (a JSON object), got {value!r}")
+        elif kind in _KINDS and not _KINDS[kind][1](value):
+            expected = _KINDS[kind][0] + (" or null" if args else "")
+            raise ValueError(f"{name}: expected {expected}, got {value!r}")
+
+
 def train_config_from_dict(d: Mapping[str, Any]) -> TrainConfig:
-    """``TrainConfig`` from a dict whose ``"model"`` may be a name (default: ``DEFAULT_MODEL``)."""
+    """``TrainConfig`` from a dict whose ``"model"`` may be a name (default: ``DEFAULT_MODEL``),
+    checked field by field first (:func:`check_fields`)."""
     d = dict(d)
     d["model"] = resolve_model(d.get("model", DEFAULT_MODEL))
+    check_fields(TrainConfig, d)
     return TrainConfig.from_dict(d)
 
 
