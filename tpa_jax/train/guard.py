@@ -23,6 +23,19 @@ class RunLockedError(RuntimeError):
     """Another live process holds the run directory's lock."""
 
 
+def prepare_run_dir(run_dir: str) -> None:
+    """Create ``run_dir`` and check it is a writable directory; else one-line ``ValueError`` naming
+    it (before anything is compiled)."""
+    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
+        raise ValueError(f"run_dir {run_dir!r} is an existing file; expected a directory")
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"run_dir {run_dir!r} cannot be created ({e.strerror or e})") from None
+    if not os.access(run_dir, os.W_OK | os.X_OK):
+        raise ValueError(f"run_dir {run_dir!r} is not writable")
+
+
 @contextlib.contextmanager
 def run_lock(run_dir: str, enabled: bool = True) -> Iterator[None]:
     """Hold an exclusive ``flock`` on ``run_dir/.lock`` while inside (the kernel releases it when the

@@ -119,7 +119,7 @@ def train(tcfg: TrainConfig, *, devices: Optional[Sequence[jax.Device]] = None, 
         raise ValueError(f"TrainConfig.batch_size: expected a multiple of the process count "
                          f"{jax.process_count()}, got {tcfg.batch_size}")
 
-    os.makedirs(tcfg.run_dir, exist_ok=True)
+    guard.prepare_run_dir(tcfg.run_dir)
     with guard.run_lock(tcfg.run_dir, enabled=is_main):
         _check_resume_config(tcfg, is_main)
         if is_main:
