@@ -22,7 +22,8 @@ its shards in order; windows may cross shard boundaries.
 
 ``writer`` writes such a directory, ``sources`` turns corpora into one; this module validates a
 manifest (``load_manifest``), reads splits (``read_split``, ``split_tokens``), checks that data
-fits a model (``check_compatible``) and names the cache directory of the embedded corpus.
+fits a model (``check_compatible``; every shard's largest id below the vocabulary: ``shard_max_id``)
+and names the cache directory of the embedded corpus.
 """
 from __future__ import annotations
 
@@ -36,10 +37,12 @@ from . import corpus
 from .tokenizers import TokenizerSpec, tokenizer_slug
 
 __all__ = ["FORMAT_VERSION", "MANIFEST_NAME", "DEFAULT_SHARD_TOKENS", "token_dtype", "default_cache_root",
-           "default_cache_dir", "manifest_path", "load_manifest", "check_compatible", "split_tokens", "read_split"]
+           "default_cache_dir", "manifest_path", "load_manifest", "check_compatible", "shard_max_id",
+           "split_tokens", "read_split"]
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
+TOKEN_STATS_NAME = "token_stats.json"  # cached largest id per shard (see shard_max_id)
 DEFAULT_SHARD_TOKENS = 1 << 27
 
 PathLike = Union[str, os.PathLike]
@@ -164,3 +167,44 @@ def check_compatible(manifest: Union[PathLike, dict], vocab_size: int, seq_len: 
         n = split_tokens(m, s)
         if n < seq_len + 1:
             raise ValueError(f"split {s!r} has {n} tokens, fewer than seq_len+1 = {seq_len + 1} ({m['path']})")
+        for f in m["splits"][s].get("files", []):  # synthetic (recall) splits have no shards
+            top = shard_max_id(m, f["path"])
+            if top is not None and top >= int(vocab_size):
+                raise ValueError(f"token shard {os.path.join(m['root'], f['path'])} holds id {top} >= the model's "
+                                 f"vocab_size {vocab_size}")
+
+
+def shard_max_id(manifest: Union[PathLike, dict], rel_path: str) -> Optional[int]:
+    """The largest token id in one shard (None when it is empty): one vectorised pass over a memmap,
+    cached in ``TOKEN_STATS_NAME`` next to the manifest under the shard's path, size and mtime
+    (written atomically; not cached when the directory is read-only)."""
+    m = load_manifest(manifest)
+    fp = os.path.join(m["root"], rel_path)
+    st = os.stat(fp)
+    key = f"{rel_path}:{st.st_size}:{st.st_mtime_ns}"
+    stats_path = os.path.join(m["root"], TOKEN_STATS_NAME)
+    try:
+        with open(stats_path) as fh:
+            stats = json.load(fh)
+        if not isinstance(stats, dict):
+            stats = {}
+    except (OSError, ValueError):
+        stats = {}
+    if isinstance(stats.get(key), int):
+        return stats[key]
+    if st.st_size == 0:
+        return None
+    top = int(np.memmap(fp, dtype=np.dtype(m["dtype"]).newbyteorder("<"), mode="r").max())
+    stats = {k: v for k, v in stats.items() if not k.startswith(rel_path + ":")}
+    stats[key] = top
+    tmp = f"{stats_path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "w") as fh:
+            json.dump(stats, fh, indent=0, sort_keys=True)
+        os.replace(tmp, stats_path)
+    except OSError:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+    return top
