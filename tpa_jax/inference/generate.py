@@ -7,9 +7,10 @@ decode steps that stops when every sequence has hit a stop token or ``max_new_to
 
 Prompts may have different lengths: they are right-padded, prefilled in one call with
 ``valid_lengths``, and every row then decodes at its own position.  Sampling is greedy at
-``temperature == 0``; otherwise softmax(logits / temperature) restricted to the ``top_k`` most
+``temperature == 0`` and at any ``temperature < GREEDY_BELOW`` (1e-5: dividing logits by a smaller
+temperature only overflows float32, while the softmax is already one-hot); otherwise softmax(logits / temperature) restricted to the ``top_k`` most
 likely tokens and to the smallest set whose probability reaches ``top_p``.  For a given seed the
-result is deterministic.  The decode cache is pre-allocated to ``max_len`` (default: the longest
+result is deterministic (``seed``: an integer in 0..2**32-1).  The decode cache is pre-allocated to ``max_len`` (default: the longest
 prompt plus ``max_new_tokens``, rounded up to a multiple of 64 and capped at the model's
 ``max_seq_len``) and, given a ``mesh``, sharded by its logical axes.
 """
@@ -30,6 +31,7 @@ from .cache import cache_shardings, init_cache
 __all__ = ["Generation", "generate", "sample_logits", "prepare_prompts"]
 
 _BUCKET = 64  # prompt and cache lengths are rounded up to multiples of this (fewer recompiles)
+GREEDY_BELOW = 1e-5  # temperatures below this sample greedily (see the module docstring)
 
 
 class Generation(NamedTuple):
@@ -142,6 +144,8 @@ def generate(params: Any, cfg: ModelConfig, prompt_tokens: Prompts, max_new_toke
         raise ValueError(f"max_new_tokens: expected an integer >= 1, got {max_new_tokens!r}")
     if not (isinstance(temperature, (int, float)) and temperature >= 0 and np.isfinite(temperature)):
         raise ValueError(f"temperature: expected a finite number >= 0, got {temperature!r}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
+        raise ValueError(f"seed: expected an integer in 0..2**32-1, got {seed!r}")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
         raise ValueError(f"top_k: expected None or an integer >= 1, got {top_k!r}")
     if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
@@ -169,8 +173,8 @@ def generate(params: Any, cfg: ModelConfig, prompt_tokens: Prompts, max_new_toke
     cache = init_cache(cfg, prompts.shape[0], capacity, dtype=dtype)
     if mesh is not None:
         cache = jax.device_put(cache, cache_shardings(cfg, cache, mesh))
-    greedy = temperature == 0
-    out, n = _generate(params, jnp.asarray(prompts), jnp.asarray(lengths), cache, jax.random.key(seed),
+    greedy = temperature < GREEDY_BELOW
+    out, n = _generate(params, jnp.asarray(prompts), jnp.asarray(lengths), cache, jax.random.key(int(seed)),
                        jnp.float32(temperature if not greedy else 1.0), jnp.float32(top_p or 1.0),
                        jnp.asarray(stops), cfg=cfg, max_new_tokens=int(max_new_tokens), top_k=top_k, greedy=greedy,
                        use_top_p=top_p is not None, pad_id=int(pad_id))
