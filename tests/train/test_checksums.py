@@ -16,7 +16,7 @@ from tpa_jax import parallel
 from tpa_jax.train import train
 from tpa_jax.train import checkpoint as ckpt
 
-from _train_util import STEPS, make_cfg, params_of
+from _train_util import STEPS, make_cfg
 
 
 def numpy_checksum(x):
