@@ -8,7 +8,8 @@
 ``load`` reads the checkpoint's saved configuration and tokenizer, restores the parameters of the
 latest step (or ``step``) onto whatever devices are present -- replicated on one device by default,
 or sharded by their logical axes over a given ``mesh`` -- and leaves the optimizer state on disk.
-A latest checkpoint that cannot be read is reported and the previous one is used.
+A latest checkpoint that cannot be read, or whose params differ from their saved checksums or are
+not finite, is reported and the previous one is used (nothing on disk is changed).
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from .config import ModelConfig, TrainConfig
 from .data.tokenizers import Tokenizer, load_tokenizer
 from .inference.generate import Generation, generate
 from .model import Transformer, abstract_params, logits_fn, model_of
-from .train.checkpoint import CheckpointError, restore_newest
+from .train.checkpoint import CheckpointError, restore_newest, verify
 
 __all__ = ["Run", "load", "find_checkpoint_dir", "CheckpointError"]
 
@@ -123,7 +124,9 @@ def _restore_step(mngr: ocp.CheckpointManager, step: int, mesh: Optional[jax.sha
     target = {"params": abstract_params(tcfg.model, mesh)}
     state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
         item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True)))
-    return meta, state["state"]["params"]
+    params = state["state"]["params"]
+    verify(step, {"params": params}, meta)  # the saved checksums of the params leaves; finiteness
+    return meta, params
 
 
 def load(checkpoint_dir: Union[str, os.PathLike], step: Optional[int] = None, *,

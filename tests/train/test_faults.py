@@ -150,7 +150,8 @@ def test_quarantine_moves_only_steps_newer_than_a_good_one(tmp_path):
     (moved,) = os.listdir(tmp_path / "ck" / "quarantine")
     assert moved.startswith("3-")
     ckpt.save(mngr, 3, state_at(3, sharding), {"step": 3})  # the number is free again
-    assert mngr.all_steps() == [1, 2, 3] and ckpt.restore_meta(mngr, 3) == {"step": 3}
+    meta3 = ckpt.restore_meta(mngr, 3)
+    assert mngr.all_steps() == [1, 2, 3] and {k: v for k, v in meta3.items() if k != "checksums"} == {"step": 3}
     mngr.close()
 
 

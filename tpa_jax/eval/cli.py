@@ -8,8 +8,10 @@
 
 Each sub-command is registered by an ``_add_<name>(subparsers)`` function that sets its handler
 with ``set_defaults(func=...)``; a handler takes the parsed arguments and returns the exit code.
-Bad input prints one ``error: ...`` line on stderr and exits with code 2.  The decode benchmark's
-options (:func:`add_decode_bench_arguments`) are shared with ``bench/decode.py``.
+Bad input prints one ``error: ...`` line on stderr and exits with code 2; an unexpected error
+prints one ``error: <type>: <message>`` line and exits 1 (its traceback only with
+``TPA_JAX_DEBUG=1``).  The decode benchmark's options (:func:`add_decode_bench_arguments`) are
+shared with ``bench/decode.py``.
 """
 from __future__ import annotations
 
@@ -293,10 +295,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args = build_parser().parse_args(argv)
         return args.func(args)
     except (UsageError, ValueError, FileNotFoundError, _checkpoint_error()) as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
+    except Exception as e:  # unexpected: one line, exit 1; the traceback only with TPA_JAX_DEBUG=1
+        if os.environ.get("TPA_JAX_DEBUG") == "1":
+            raise
+        lines = str(e).strip().splitlines()
+        print(f"error: {type(e).__name__}: {lines[0] if lines else ''}", file=sys.stderr)
+        return 1

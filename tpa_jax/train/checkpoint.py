@@ -3,7 +3,10 @@
 the *current* shardings, so a run saved on one mesh resumes on another; a newest checkpoint that
 fails to restore is reported with a warning and the previous one is used.  Readers leave it where it
 is; a resuming run moves it aside into ``quarantine/<step>-<UTC time>/`` (never deleting it) so that
-it neither shadows the steps trained after the resume nor takes a place in rotation.
+it neither shadows the steps trained after the resume nor takes a place in rotation.  Each save
+stores a checksum per array leaf in the metadata (``checksums``: the uint32 sum of the leaf's bit
+patterns); a restore recomputes them and checks that every float leaf is finite, and a step that
+fails either check is treated like one that cannot be read (``CorruptCheckpointError``).
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ import time
 from typing import Any, Callable, Optional, TypeVar, Union
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 log = logging.getLogger(__name__)
@@ -32,8 +36,81 @@ def manager(ckpt_dir: Union[str, os.PathLike], keep: int = 3, keep_every: Option
     return ocp.CheckpointManager(os.path.abspath(ckpt_dir), options=options)
 
 
+class CorruptCheckpointError(CheckpointError):
+    """A step that restores but whose arrays differ from their saved checksums or are not finite."""
+
+
+def leaf_path(path: tuple) -> str:
+    """``params/blocks_0/w`` for a key path of dict keys, attributes or sequence indices."""
+    parts = []
+    for k in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(k, attr):
+                parts.append(str(getattr(k, attr)))
+                break
+        else:
+            parts.append(str(k))
+    return "/".join(parts)
+
+
+def _words(x: jax.Array) -> jax.Array:
+    """``x``'s bit patterns as unsigned words (uint32 for 4- and 8-byte types, else uint16 / uint8)."""
+    if x.dtype == jnp.bool_:
+        x = x.astype(jnp.uint8)
+    size = x.dtype.itemsize
+    word = {1: jnp.uint8, 2: jnp.uint16}.get(size, jnp.uint32)
+    return jax.lax.bitcast_convert_type(x, word)
+
+
+@jax.jit
+def _sums_and_finite(leaves: list) -> tuple[list, list]:
+    sums = [jnp.sum(_words(x).astype(jnp.uint32), dtype=jnp.uint32) for x in leaves]
+    finite = [jnp.all(jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.inexact) else jnp.bool_(True) for x in leaves]
+    return sums, finite
+
+
+def checksums(tree: Any) -> tuple[dict, dict]:
+    """``({leaf path: checksum}, {leaf path: all finite})`` of ``tree``'s array leaves: per leaf, the
+    sum modulo 2**32 of its bit patterns viewed as unsigned words (one jitted reduction over the
+    whole tree, sharded or not, fetched once)."""
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    flat = [(leaf_path(p), jnp.asarray(x)) for p, x in flat]
+    if not flat:
+        return {}, {}
+    groups: dict = {}  # one call per set of devices (normally the whole state lies on one mesh)
+    for i, (_, x) in enumerate(flat):
+        groups.setdefault(frozenset(d.id for d in x.sharding.device_set), []).append(i)
+    outs = jax.device_get([_sums_and_finite([flat[i][1] for i in idx]) for idx in groups.values()])
+    sums, finite = {}, {}
+    for idx, (s, f) in zip(groups.values(), outs):
+        for i, v, ok in zip(idx, s, f):
+            sums[flat[i][0]], finite[flat[i][0]] = int(v), bool(ok)
+    names = [n for n, _ in flat]
+    return {n: sums[n] for n in names}, {n: finite[n] for n in names}
+
+
+def verify(step: int, tree: Any, meta: dict) -> None:
+    """Raise CorruptCheckpointError (one line naming ``step`` and the first bad leaf) when a leaf of
+    ``tree`` is not finite or differs from ``meta["checksums"]`` (leaves absent there are skipped;
+    metadata without checksums, from older runs, is checked for finiteness only)."""
+    sums, finite = checksums(tree)
+    saved = meta.get("checksums") if isinstance(meta, dict) else None
+    if saved is None:
+        log.debug("checkpoint %s has no checksums (an older save): checking finiteness only", step)
+    for name, value in sums.items():
+        if saved is not None and name in saved and int(saved[name]) != value:
+            raise CorruptCheckpointError(f"checkpoint step {step}: leaf {name} differs from its saved checksum "
+                                         f"({value} != {int(saved[name])})")
+        if not finite[name]:
+            raise CorruptCheckpointError(f"checkpoint step {step}: leaf {name} holds non-finite values")
+
+
 def save(mngr: ocp.CheckpointManager, step: int, state: Any, meta: dict, force: bool = False) -> bool:
-    """Save ``state`` (arrays) and ``meta`` (JSON) as ``step``; False when the manager's policy skips it."""
+    """Save ``state`` (arrays) and ``meta`` (JSON, plus the state's ``checksums``) as ``step``;
+    False when the manager's policy skips it."""
+    if not force and not mngr.should_save(step):
+        return False
+    meta = {**meta, "checksums": checksums(state)[0]}
     return mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
                      force=force)
 
@@ -111,7 +188,11 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state: Any, step: Optio
     Raises CheckpointError when none does.  Broken ones are reported and left on disk, or moved
     to quarantine with ``quarantine``.
     """
-    s, out = restore_newest(mngr, lambda s: mngr.restore(s, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore())), step,
-        quarantine=quarantine)
+    def restore(s: int) -> Any:
+        out = mngr.restore(s, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                                                      meta=ocp.args.JsonRestore()))
+        verify(s, out["state"], out["meta"])
+        return out
+
+    s, out = restore_newest(mngr, restore, step, quarantine=quarantine)
     return s, out["state"], out["meta"]

@@ -1,7 +1,9 @@
 """The training command line (``train.py`` and the ``tpa-train`` console script): reads a JSON
 training config plus dotted overrides, initialises multi-process JAX when launched with a
 coordinator, trains, and prints a summary.  Bad input ends with one ``error: ...`` line on stderr
-and exit code 2; a run stopped by a signal exits 0 after saving (rerun the command to resume)."""
+and exit code 2, an unexpected error one ``error: <type>: <message>`` line and exit code 1 (its
+traceback only with ``TPA_JAX_DEBUG=1``); a run stopped by a signal exits 0 after saving (rerun the
+command to resume)."""
 from __future__ import annotations
 
 import argparse
@@ -41,7 +43,19 @@ def default_config_path() -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Run the command line; returns the exit code."""
+    """Run the command line; returns the exit code.  An unexpected exception is one ``error: <type>:
+    <message>`` line and exit code 1; ``TPA_JAX_DEBUG=1`` re-raises it (with its traceback)."""
+    try:
+        return _main(argv)
+    except Exception as e:
+        if os.environ.get("TPA_JAX_DEBUG") == "1":
+            raise
+        lines = str(e).strip().splitlines()
+        print(f"error: {type(e).__name__}: {lines[0] if lines else ''}", file=sys.stderr)
+        return 1
+
+
+def _main(argv: Optional[Sequence[str]]) -> int:
     parser = argparse.ArgumentParser(description="Train a T6 / TPA model (or a baseline).")
     parser.add_argument("--config", default=None, help="JSON training config (default: configs/t6-tiny.json)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
