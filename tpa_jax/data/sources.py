@@ -22,7 +22,7 @@ from typing import Iterable, Iterator, Optional, Sequence
 from . import corpus
 from .shards import DEFAULT_SHARD_TOKENS, PathLike, default_cache_dir
 from .tokenizers import TokenizerSpec, load_tokenizer
-from .writer import existing_manifest, write_and_commit
+from .writer import existing_manifest, make_dir, write_and_commit
 
 __all__ = ["prepare_embedded", "prepare_files", "prepare_hf", "HF_ALIASES"]
 
@@ -86,12 +86,7 @@ def prepare_embedded(cache_dir: Optional[PathLike] = None, tokenizer: TokenizerS
     _check_fraction(val_fraction)
     tok = load_tokenizer(tokenizer)
     out_dir = os.path.abspath(os.fspath(cache_dir)) if cache_dir is not None else default_cache_dir(tok)
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise ValueError(f"data.cache_dir {out_dir!r} is an existing file; expected a directory")
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-    except OSError as e:
-        raise ValueError(f"data.cache_dir {out_dir!r} cannot be created ({e.strerror or e})") from None
+    make_dir(out_dir, "data.cache_dir")
     root = root or corpus.stdlib_dir()
     files = corpus.list_files(root)
     if len(files) < 2:

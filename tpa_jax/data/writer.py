@@ -93,6 +93,17 @@ class ShardWriter:
         return {"files": self.files, "tokens": self.tokens, "documents": self.documents}
 
 
+def make_dir(path: str, what: str) -> None:
+    """Create directory ``path`` (``what`` names it in errors, e.g. "run_dir"); a path that is an
+    existing file or cannot be created is a one-line ``ValueError``."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"{what} {path!r} is an existing file; expected a directory")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"{what} {path!r} cannot be created ({e.strerror or e})") from None
+
+
 def existing_manifest(out_dir: str, tok: Tokenizer, source_id: str, overwrite: bool) -> Optional[str]:
     """The manifest path if ``out_dir`` already holds a valid, matching preparation."""
     mpath = manifest_path(out_dir)

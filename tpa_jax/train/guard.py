@@ -13,6 +13,8 @@ import os
 import socket
 from typing import Any, Iterator
 
+from ..data.writer import make_dir
+
 LOCK_NAME = ".lock"
 # fields whose change alters the model or the data order: refused on resume unless allowed
 GUARDED_DATA = ("source", "path", "tokenizer", "seq_len")
@@ -26,12 +28,7 @@ class RunLockedError(RuntimeError):
 def prepare_run_dir(run_dir: str) -> None:
     """Create ``run_dir`` and check it is a writable directory; else one-line ``ValueError`` naming
     it (before anything is compiled)."""
-    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
-        raise ValueError(f"run_dir {run_dir!r} is an existing file; expected a directory")
-    try:
-        os.makedirs(run_dir, exist_ok=True)
-    except OSError as e:
-        raise ValueError(f"run_dir {run_dir!r} cannot be created ({e.strerror or e})") from None
+    make_dir(run_dir, "run_dir")
     if not os.access(run_dir, os.W_OK | os.X_OK):
         raise ValueError(f"run_dir {run_dir!r} is not writable")
 
