@@ -95,6 +95,19 @@ def test_resume_changes_allow_resumes_and_records(tmp_path, corpus, straight, ca
     assert json.load(open(run / "config.json"))["seed"] == 5
 
 
+def test_resume_on_data_from_another_tokenizer_is_refused(tmp_path, corpus, straight):
+    from tpa_jax.data import load_manifest
+    from tpa_jax.train.loop import _check_resume_config
+
+    run = resumable(tmp_path, straight)
+    manifest = load_manifest(str(corpus))
+    _check_resume_config(make_cfg(run, corpus, steps=STEPS), manifest, True)  # the same tokenizer: accepted
+    other = dict(manifest, tokenizer={"kind": "hf", "name": "hf:tok.json", "sha256": "ab" * 32, "vocab_size": 256})
+    with pytest.raises(ValueError, match="resume with a changed config") as e:
+        _check_resume_config(make_cfg(run, corpus, steps=STEPS), other, True)
+    assert "\n" not in str(e.value) and "tokenizer (kind, vocab, source) ['byte', 256, None] -> ['hf', 256" in str(e.value)
+
+
 def test_resume_with_changed_optimiser_and_steps(tmp_path, corpus, straight, caplog):
     run = resumable(tmp_path, straight)
     optim = OptimConfig(lr=LR / 2, min_lr=MIN_LR, warmup_steps=WARMUP)

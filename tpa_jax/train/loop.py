@@ -23,7 +23,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from .. import accounting, parallel
 from ..config import ModelConfig, TrainConfig
 from ..data import (Tokenizer, check_compatible, eval_batches, is_recall_manifest, load_tokenizer, make_iterator,
-                    resolve_manifest)
+                    resolve_manifest, tokenizer_identity, tokenizer_mismatch)
 from ..inference import generate
 from . import checkpoint as ckpt
 from . import guard
@@ -121,18 +121,18 @@ def train(tcfg: TrainConfig, *, devices: Optional[Sequence[jax.Device]] = None, 
 
     guard.prepare_run_dir(tcfg.run_dir)
     with guard.run_lock(tcfg.run_dir, enabled=is_main):
-        _check_resume_config(tcfg, is_main)
+        _check_resume_config(tcfg, manifest, is_main)
         if is_main:
             with open(os.path.join(tcfg.run_dir, "config.json"), "w") as f:
                 json.dump(tcfg.to_dict(), f, indent=1)
         return _train(tcfg, manifest, tokenizer, devices=devices, progress=progress, stop_at_step=stop_at_step)
 
 
-def _check_resume_config(tcfg: TrainConfig, is_main: bool) -> None:
-    """Compare ``tcfg`` with the config stored in the newest checkpoint's metadata: changes to the
-    model, the data or ``seed`` / ``batch_size`` raise ValueError (one line) unless
-    ``resume_changes='allow'``, which logs them and appends them to ``resume_changes.jsonl``; other
-    changes are logged at INFO."""
+def _check_resume_config(tcfg: TrainConfig, manifest: dict, is_main: bool) -> None:
+    """Compare ``tcfg`` and the data's tokenizer with the config and tokenizer stored in the newest
+    checkpoint's metadata: changes to the model, the data (its tokenizer included) or ``seed`` /
+    ``batch_size`` raise ValueError (one line) unless ``resume_changes='allow'``, which logs them and
+    appends them to ``resume_changes.jsonl``; other changes are logged at INFO."""
     ckpt_dir = os.path.join(tcfg.run_dir, "checkpoints")
     if not os.path.isdir(ckpt_dir):
         return
@@ -146,6 +146,9 @@ def _check_resume_config(tcfg: TrainConfig, is_main: bool) -> None:
     finally:
         mngr.close()
     guarded, free = guard.resume_config_changes(meta.get("config", {}), tcfg.to_dict())
+    if "tokenizer" in meta and tokenizer_mismatch(manifest["tokenizer"], meta["tokenizer"]):
+        guarded["tokenizer (kind, vocab, source)"] = [list(tokenizer_identity(meta["tokenizer"])),
+                                                      list(tokenizer_identity(manifest["tokenizer"]))]
     if free:
         log.info("resuming step %d with changed settings: %s", step, guard.describe_changes(free))
     if not guarded:
