@@ -10,10 +10,13 @@ fails either check is treated like one that cannot be read (``CorruptCheckpointE
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import sys
+import tempfile
 import time
-from typing import Any, Callable, Optional, TypeVar, Union
+from typing import Any, Callable, Iterator, Optional, TypeVar, Union
 
 import jax
 import jax.numpy as jnp
@@ -28,11 +31,56 @@ class CheckpointError(RuntimeError):
     """No usable checkpoint where one was expected."""
 
 
+@contextlib.contextmanager
+def quiet_native_output(grace_s: float = 0.5) -> Iterator[None]:
+    """Send what is written to file descriptor 2 while inside (by any thread or native code) to a
+    temporary file, and log it at DEBUG afterwards.
+
+    Orbax and TensorStore print tracebacks of their own (and, from threads that outlive a failed
+    read, "Event loop is closed" tracebacks) on failures the caller expects and reports in one
+    line.  After a failure, the capture stays on for ``grace_s`` so that those late threads are
+    caught too.  With ``TPA_JAX_DEBUG=1`` nothing is captured.
+    """
+    if os.environ.get("TPA_JAX_DEBUG") == "1":
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    failed = False
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            failed = True
+            raise
+        finally:
+            if failed:
+                time.sleep(grace_s)
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            text = tmp.read().decode(errors="replace").strip()
+            if text:
+                log.debug("output of the checkpoint libraries (%d lines):\n%s", text.count("\n") + 1, text)
+
+
 def manager(ckpt_dir: Union[str, os.PathLike], keep: int = 3, keep_every: Optional[int] = None,
             async_save: bool = True, read_only: bool = False) -> ocp.CheckpointManager:
-    """A manager of ``ckpt_dir`` keeping the last ``keep`` steps (and every ``keep_every``-th)."""
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, keep_period=keep_every, create=not read_only,
-                                           enable_async_checkpointing=async_save, read_only=read_only)
+    """A manager of ``ckpt_dir`` keeping the last ``keep`` steps (and every ``keep_every``-th); a
+    ``read_only`` one (for readers) does not create the directory and writes nothing."""
+    if read_only:
+        absl_log = logging.getLogger("absl")
+        level = absl_log.level
+        absl_log.setLevel(logging.ERROR)  # read-only managers warn that they are read-only
+        try:
+            options = ocp.CheckpointManagerOptions(read_only=True, create=False)
+            return ocp.CheckpointManager(os.path.abspath(ckpt_dir), options=options)
+        finally:
+            absl_log.setLevel(level)
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, keep_period=keep_every,
+                                           enable_async_checkpointing=async_save)
     return ocp.CheckpointManager(os.path.abspath(ckpt_dir), options=options)
 
 
@@ -161,22 +209,22 @@ def restore_newest(mngr: ocp.CheckpointManager, restore: Callable[[int], _T], st
     errors, failed = [], []
     for s in steps:
         try:
-            out = restore(s)
+            with quiet_native_output():
+                out = restore(s)
         except Exception as e:  # a partial / corrupt step directory
             first = str(e).strip().splitlines()[0] if str(e).strip() else ""
             errors.append(f"step {s}: {type(e).__name__}: {first}"[:300])
-            log.warning("checkpoint %s in %s could not be %s (%s); trying an older one", s, mngr.directory, what,
-                        errors[-1])
+            log.debug("checkpoint %s in %s could not be %s (%s); trying an older one", s, mngr.directory, what,
+                      errors[-1])
             failed.append(s)
             continue
+        where = "kept on disk"
         if quarantine and failed:  # only once an older step restores: a mismatch failing every step moves nothing
-            for f in failed:
-                log.warning("checkpoint %s could not be %s and was moved aside to %s", f, what,
-                            quarantine_step(mngr, f))
+            where = "moved aside to " + ", ".join(quarantine_step(mngr, f) for f in failed)
             mngr.reload()
         if errors:
-            log.warning("using step %d; newer checkpoint(s) could not be %s and were %s: %s", s, what,
-                        "moved to quarantine" if quarantine else "kept on disk", "; ".join(errors))
+            log.warning("using step %d of %s; newer checkpoint(s) could not be %s and were %s: %s", s,
+                        mngr.directory, what, where, "; ".join(errors))
         return s, out
     raise CheckpointError(f"no readable checkpoint in {mngr.directory}: " + ("; ".join(errors) or "none saved"))
 
