@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import sys
 import tempfile
 import time
@@ -66,6 +67,21 @@ def quiet_native_output(grace_s: float = 0.5) -> Iterator[None]:
                 log.debug("output of the checkpoint libraries (%d lines):\n%s", text.count("\n") + 1, text)
 
 
+class _LibraryErrorsToDebug(logging.Filter):
+    """On the ``absl`` logger: Orbax's own ERROR records (with tracebacks, from its background save
+    threads) go to this module's logger at DEBUG; the failure itself reaches the caller as one
+    CheckpointSaveError line.  Not installed with ``TPA_JAX_DEBUG=1``."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR and "orbax" in record.pathname:
+            log.debug("orbax: %s", record.getMessage(), exc_info=record.exc_info)
+            return False
+        return True
+
+
+_ABSL_FILTER = _LibraryErrorsToDebug()
+
+
 def manager(ckpt_dir: Union[str, os.PathLike], keep: int = 3, keep_every: Optional[int] = None,
             async_save: bool = True, read_only: bool = False) -> ocp.CheckpointManager:
     """A manager of ``ckpt_dir`` keeping the last ``keep`` steps (and every ``keep_every``-th); a
@@ -79,6 +95,8 @@ def manager(ckpt_dir: Union[str, os.PathLike], keep: int = 3, keep_every: Option
             return ocp.CheckpointManager(os.path.abspath(ckpt_dir), options=options)
         finally:
             absl_log.setLevel(level)
+    if os.environ.get("TPA_JAX_DEBUG") != "1":
+        logging.getLogger("absl").addFilter(_ABSL_FILTER)  # idempotent
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, keep_period=keep_every,
                                            enable_async_checkpointing=async_save)
     return ocp.CheckpointManager(os.path.abspath(ckpt_dir), options=options)
@@ -153,14 +171,39 @@ def verify(step: int, tree: Any, meta: dict) -> None:
             raise CorruptCheckpointError(f"checkpoint step {step}: leaf {name} holds non-finite values")
 
 
+class CheckpointSaveError(CheckpointError):
+    """Writing a checkpoint failed (a full disk, a read-only directory...); the steps saved before are kept."""
+
+
+def _save_failure(mngr: ocp.CheckpointManager, step: Optional[int], e: Exception) -> CheckpointSaveError:
+    msg = " ".join(str(e).split())
+    os_error = re.search(r":\s*([^:]+?)\s*\[os_error_code='?(\d+)'?\]", msg)
+    reason = f"{os_error.group(1)} (errno {os_error.group(2)})" if os_error else f"{type(e).__name__}: {msg[:300]}"
+    what = "a checkpoint" if step is None else f"checkpoint step {step} (or an earlier one still being written)"
+    return CheckpointSaveError(f"saving {what} in {mngr.directory} failed: {reason}; the checkpoints saved before "
+                               f"are kept ({sorted(mngr.all_steps()) or 'none'})")
+
+
 def save(mngr: ocp.CheckpointManager, step: int, state: Any, meta: dict, force: bool = False) -> bool:
     """Save ``state`` (arrays) and ``meta`` (JSON, plus the state's ``checksums``) as ``step``;
-    False when the manager's policy skips it."""
+    False when the manager's policy skips it.  A failure (this one, or an earlier asynchronous save's)
+    raises CheckpointSaveError (one line)."""
     if not force and not mngr.should_save(step):
         return False
     meta = {**meta, "checksums": checksums(state)[0]}
-    return mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-                     force=force)
+    try:
+        return mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                       meta=ocp.args.JsonSave(meta)), force=force)
+    except Exception as e:
+        raise _save_failure(mngr, step, e) from e
+
+
+def wait(mngr: ocp.CheckpointManager) -> None:
+    """Wait for the asynchronous saves in flight; a failed one raises CheckpointSaveError (one line)."""
+    try:
+        mngr.wait_until_finished()
+    except Exception as e:
+        raise _save_failure(mngr, None, e) from e
 
 
 def abstract_like(tree: Any) -> Any:

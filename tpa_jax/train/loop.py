@@ -304,9 +304,9 @@ def _train(tcfg: TrainConfig, manifest: dict, tokenizer: Tokenizer, *, devices: 
             flush()
             if step >= tcfg.steps and step not in mngr.all_steps():
                 save(step, force=True)
-            mngr.wait_until_finished()
+            ckpt.wait(mngr)
     finally:  # an error must not lose a save that is still being written
-        mngr.wait_until_finished()
+        ckpt.wait(mngr)
     if bar is not None:
         bar.close()
     summary.update(step=step, interrupted=stop.signal is not None, checkpoint_dir=str(mngr.directory))
