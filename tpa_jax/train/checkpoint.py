@@ -236,13 +236,16 @@ def quarantine_step(mngr: ocp.CheckpointManager, step: int) -> str:
 
 
 def restore_newest(mngr: ocp.CheckpointManager, restore: Callable[[int], _T], step: Optional[int] = None,
-                   what: str = "restored", quarantine: bool = False) -> tuple[int, _T]:
+                   what: str = "restored", quarantine: bool = False,
+                   agree: Optional[Callable[[bool], bool]] = None) -> tuple[int, _T]:
     """``(step, restore(step))`` for the newest step whose ``restore`` succeeds (or for ``step``).
 
     Steps that fail are reported and left on disk, or with ``quarantine`` moved aside
     (``quarantine_step``, then the manager is reloaded) once an older step has restored, so that
     a failure common to every step (a target that does not fit) moves nothing; CheckpointError
-    (one line) when none works or ``step`` does not exist.
+    (one line) when none works or ``step`` does not exist.  In a job of several processes,
+    ``agree(ok)`` (a collective: did every process succeed?) makes them judge each step together;
+    process 0 alone moves steps aside while the others wait for it.
     """
     steps = sorted(mngr.all_steps(), reverse=True)
     if step is not None:
@@ -251,19 +254,29 @@ def restore_newest(mngr: ocp.CheckpointManager, restore: Callable[[int], _T], st
         steps = [step]
     errors, failed = [], []
     for s in steps:
+        error: Optional[Exception] = None
         try:
             with quiet_native_output():
                 out = restore(s)
         except Exception as e:  # a partial / corrupt step directory
-            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            errors.append(f"step {s}: {type(e).__name__}: {first}"[:300])
+            error = e
+        if agree is not None and not agree(error is None) and error is None:
+            error = CheckpointError("another process of this job could not read it")
+        if error is not None:
+            first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            errors.append(f"step {s}: {type(error).__name__}: {first}"[:300])
             log.debug("checkpoint %s in %s could not be %s (%s); trying an older one", s, mngr.directory, what,
                       errors[-1])
             failed.append(s)
             continue
         where = "kept on disk"
         if quarantine and failed:  # only once an older step restores: a mismatch failing every step moves nothing
-            where = "moved aside to " + ", ".join(quarantine_step(mngr, f) for f in failed)
+            if agree is None or jax.process_index() == 0:
+                where = "moved aside to " + ", ".join(quarantine_step(mngr, f) for f in failed)
+            else:
+                where = "moved aside by process 0"
+            if agree is not None:
+                agree(True)  # the others wait here until process 0 has moved them
             mngr.reload()
         if errors:
             log.warning("using step %d of %s; newer checkpoint(s) could not be %s and were %s: %s", s,
@@ -273,11 +286,11 @@ def restore_newest(mngr: ocp.CheckpointManager, restore: Callable[[int], _T], st
 
 
 def restore_latest(mngr: ocp.CheckpointManager, abstract_state: Any, step: Optional[int] = None,
-                   quarantine: bool = False) -> tuple[int, Any, dict]:
+                   quarantine: bool = False, agree: Optional[Callable[[bool], bool]] = None) -> tuple[int, Any, dict]:
     """(step, state, meta) of the newest checkpoint that restores (or of ``step``).
 
     Raises CheckpointError when none does.  Broken ones are reported and left on disk, or moved
-    to quarantine with ``quarantine``.
+    to quarantine with ``quarantine`` (``agree``: see ``restore_newest``).
     """
     def restore(s: int) -> Any:
         out = mngr.restore(s, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
@@ -285,5 +298,5 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state: Any, step: Optio
         verify(s, out["state"], out["meta"])
         return out
 
-    s, out = restore_newest(mngr, restore, step, quarantine=quarantine)
+    s, out = restore_newest(mngr, restore, step, quarantine=quarantine, agree=agree)
     return s, out["state"], out["meta"]

@@ -120,7 +120,7 @@ def train(tcfg: TrainConfig, *, devices: Optional[Sequence[jax.Device]] = None, 
                          f"{jax.process_count()}, got {tcfg.batch_size}")
 
     guard.prepare_run_dir(tcfg.run_dir)
-    with guard.run_lock(tcfg.run_dir, enabled=is_main):
+    with guard.shared_run_lock(tcfg.run_dir):
         _check_resume_config(tcfg, manifest, is_main)
         if is_main:
             with open(os.path.join(tcfg.run_dir, "config.json"), "w") as f:
@@ -183,9 +183,9 @@ def _train(tcfg: TrainConfig, manifest: dict, tokenizer: Tokenizer, *, devices: 
                              process_index=jax.process_index(), process_count=jax.process_count())
     mngr = ckpt.manager(os.path.join(tcfg.run_dir, "checkpoints"), tcfg.keep, tcfg.keep_every)
     step, last_good = 0, None
-    if mngr.all_steps():  # an unreadable newest step is moved aside (by the one process that writes)
-        step, state, meta = ckpt.restore_latest(mngr, ckpt.abstract_like(state),
-                                                quarantine=jax.process_count() == 1)
+    if mngr.all_steps():  # an unreadable newest step is moved aside (by process 0; all processes agree on it)
+        step, state, meta = ckpt.restore_latest(mngr, ckpt.abstract_like(state), quarantine=True,
+                                                agree=guard.all_processes_agree if jax.process_count() > 1 else None)
         last_good = step
         iterator.set_state(meta["data_iter"])
         if is_main and guard.trim_metrics(tcfg.run_dir, step):
