@@ -4,6 +4,7 @@ metrics of a resumed run (each step once) and the checkpoint a NaN stop names (t
 import dataclasses
 import fcntl
 import json
+import math
 import os
 import re
 import shutil
@@ -144,6 +145,10 @@ def test_corrupt_newest_step_is_quarantined_and_metrics_hold_each_step_once(tmp_
     assert train_steps == list(range(1, 13))  # 9 and 10 of the first attempt were dropped
     val_steps = [r["step"] for r in recs if "val_loss" in r]
     assert val_steps == [0, 3, 6, 9, 12] and not os.path.exists(tmp_path / "metrics.jsonl.tmp")
+
+    again = train(cfg, progress=False)  # the finished run, run again: nothing trained, nothing written twice
+    assert again["start_step"] == again["step"] == 12 and math.isfinite(again["val_loss"])
+    assert read_metrics(tmp_path) == recs
 
 
 def test_quarantine_moves_only_steps_newer_than_a_good_one(tmp_path):

@@ -313,7 +313,8 @@ def _train(tcfg: TrainConfig, manifest: dict, tokenizer: Tokenizer, *, devices: 
     if stop.signal is None:
         final = evaluate(eval_fn, state["params"], manifest, tcfg, eval_sh)
         summary.update(final)
-        writer.write({"step": step, **final})
+        if step > summary["start_step"]:  # a finished run resumed again already holds this record
+            writer.write({"step": step, **final})
         if tcfg.sample_tokens:  # every process runs the (sharded) computation
             summary["sample"] = _sample(state["params"], cfg, tokenizer, tcfg.sample_prompt, tcfg.sample_tokens)
     writer.close()
