@@ -90,10 +90,9 @@ class ModelConfig:
     scan_layers: bool = True  # False: the same layer stack, fully unrolled
     remat_policy: str = "none"  # "none" | "full" | "dots" | "dots_no_batch"
     # --- cached decoding ---
-    # How one-token decode steps read the cache: "flash" (FlashTPA, Alg. 2, in jnp; MLA scores in
-    # the latent space; MHA/MQA/GQA always read K and V), "pallas" (the Pallas FlashTPA kernel,
-    # attention="tpa" only; run by the Pallas interpreter when jax's default backend is the CPU),
-    # "materialize" (rebuild K and V from the cache: the slow reference).
+    # How one-token decode steps read the cache: "flash" (FlashTPA, Alg. 2, in jnp; MLA scores in the latent
+    # space; MHA/MQA/GQA read K and V), "pallas" (the Pallas FlashTPA kernel, attention="tpa" only; the
+    # Pallas interpreter on CPU), "materialize" (rebuild K and V from the cache: the slow reference).
     decode_impl: str = "flash"
     decode_block_size: int = 512  # cache rows per online-softmax block
 
@@ -111,9 +110,8 @@ class ModelConfig:
             if getattr(self, name) not in DTYPES:
                 raise _err(name, f"one of {DTYPES}", getattr(self, name))
         for name in ("norm_eps", "mla_norm_eps", "attn_out_norm_eps", "rope_theta"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0 or not math.isfinite(v):
-                raise _err(name, "a finite number > 0", v)
+            if not (_num(getattr(self, name)) and getattr(self, name) > 0):
+                raise _err(name, "a finite number > 0", getattr(self, name))
         if self.remat_policy not in REMAT_POLICIES:
             raise _err("remat_policy", f"one of {REMAT_POLICIES}", self.remat_policy)
         if self.mlp_hidden is not None:
@@ -184,11 +182,7 @@ class ModelConfig:
     @property
     def kv_heads(self) -> int:
         """Number of distinct key/value heads (TPA and MLA: n_head)."""
-        if self.attention == "mqa":
-            return 1
-        if self.attention == "gqa":
-            return self.n_kv_head
-        return self.n_head
+        return {"mqa": 1, "gqa": self.n_kv_head}.get(self.attention, self.n_head)
 
     @property
     def value_dim(self) -> int:
@@ -208,9 +202,7 @@ class ModelConfig:
     @property
     def rope_dim(self) -> int:
         """Dimension RoPE rotates: head_dim, d_b (third-order TPA) or d^R_h (MLA)."""
-        if self.attention == "mla":
-            return self.rope_head_dim
-        return self.b_dim if self.attention in ("tpa", "tpa_kvonly") else self.head_dim
+        return self.rope_head_dim if self.attention == "mla" else self.b_dim if self.is_tpa else self.head_dim
 
     @property
     def attn_scale(self) -> float:
@@ -244,6 +236,10 @@ def _check(cls_name: str, field: str, ok: bool, expected: str, got: Any) -> None
 
 def _int_ge(v: Any, minimum: int) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= minimum
+
+
+def _num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -310,8 +306,7 @@ class OptimConfig:
         for f, lo in (("lr", 0), ("b1", 0), ("b2", 0), ("eps", 0), ("min_lr", None), ("weight_decay", None),
                       ("grad_clip", None)):
             v = getattr(self, f)
-            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-            _check("OptimConfig", f, ok and (v > 0 if lo == 0 else v >= 0),
+            _check("OptimConfig", f, _num(v) and (v > 0 if lo == 0 else v >= 0),
                    f"a finite number {'>' if lo == 0 else '>='} 0", v)
         _check("OptimConfig", "min_lr", self.min_lr <= self.lr, f"<= lr={self.lr}", self.min_lr)
         _check("OptimConfig", "warmup_steps", _int_ge(self.warmup_steps, 0), "an integer >= 0", self.warmup_steps)
@@ -357,6 +352,7 @@ class TrainConfig:
     sample_prompt: str = "def "
     # resuming with a changed model / data / seed / batch_size: "refuse" (one-line error) or "allow" (logged)
     resume_changes: str = "refuse"
+    peak_flops: Optional[float] = None  # FLOP/s per device for MFU (default: the chip's bf16 peak; none on CPU)
 
     def __post_init__(self):
         if isinstance(self.model, Mapping):
@@ -380,6 +376,8 @@ class TrainConfig:
         _check("TrainConfig", "nan_policy", self.nan_policy in ("stop", "skip"), "'stop' or 'skip'", self.nan_policy)
         _check("TrainConfig", "resume_changes", self.resume_changes in ("refuse", "allow"), "'refuse' or 'allow'",
                self.resume_changes)
+        _check("TrainConfig", "peak_flops", self.peak_flops is None or (_num(self.peak_flops) and self.peak_flops > 0),
+               "None or a finite number > 0", self.peak_flops)
         _check("TrainConfig", "data.seq_len", self.data.seq_len <= self.model.max_seq_len,
                f"<= the model's max_seq_len={self.model.max_seq_len}", self.data.seq_len)
         if self.profile_steps is not None:
