@@ -91,9 +91,8 @@ class ModelConfig:
     remat_policy: str = "none"  # "none" | "full" | "dots" | "dots_no_batch"
     # --- cached decoding ---
     # How one-token decode steps read the cache: "flash" (FlashTPA, Alg. 2, in jnp; MLA scores in
-    # the latent space; MHA/MQA/GQA always read K and V), "pallas" (the Pallas FlashTPA kernel,
-    # attention="tpa" only; run by the Pallas interpreter when jax's default backend is the CPU),
-    # "materialize" (rebuild K and V from the cache: the slow reference).
+    # the latent space; MHA/MQA/GQA always read K and V), "pallas" (Pallas FlashTPA, attention="tpa"
+    # only: Mosaic on TPU, the interpreter on CPU, "flash" elsewhere), "materialize" (rebuild K and V).
     decode_impl: str = "flash"
     decode_block_size: int = 512  # cache rows per online-softmax block
 
@@ -124,6 +123,9 @@ class ModelConfig:
             raise _err("decode_impl", f"'flash' or 'materialize' for attention={self.attention!r} "
                        "(the Pallas kernel covers attention='tpa' only)", self.decode_impl)
         _positive_int("decode_block_size", self.decode_block_size)
+        if self.decode_impl == "pallas" and self.decode_block_size % 8:
+            raise _err("decode_block_size", "a multiple of 8 with decode_impl='pallas' (TPU tiling)",
+                       self.decode_block_size)
         if self.attention != "mla" and self.head_dim % 2:
             raise _err("head_dim", "an even number (RoPE rotates pairs)", self.head_dim)
 
