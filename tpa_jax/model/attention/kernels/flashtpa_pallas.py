@@ -37,7 +37,8 @@ the call is lowered for -- the compiled Mosaic kernel on TPU, the Pallas interpr
 on any other platform (GPU) the jnp FlashTPA of ``flashtpa.flashtpa_decode`` (same numbers; no
 Triton form of this kernel is written).  ``False`` forces the compiled kernel (for ``jax.export``
 with ``platforms=("tpu",)`` from a CPU host), ``True`` or a ``pltpu.InterpretParams`` forces an
-interpreter.
+interpreter.  Export for one platform at a time: a multi-platform export (e.g. ``("cpu", "tpu")``)
+would ask Pallas to lower the compiled kernel for CPU too, which it refuses.
 """
 from __future__ import annotations
 
