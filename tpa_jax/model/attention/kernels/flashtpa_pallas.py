@@ -16,7 +16,7 @@ cache factors are viewed (a free reshape) as ``a_k [B, S, R*H]``, ``b_k [B, S, R
 with the whole (rank x head) or (rank x feature) row in lanes; heads are never tiled, so any head
 count (34, 47, 61, 78 in the paper) and any rank works without padding.  Everything in the kernel
 is a 2-D matmul, an elementwise op or a reduction over rows -- no strided or unaligned slices.
-Per cache block of S rows (row s, rank r, head h; ``x`` below indexes the (rank, head) lanes):
+Per cache block of S rows (row s, rank r or u, head h; (r, h) is lane r*H + h):
 
     S1 = b_K W1            [S, R P]   W1 = I_R (x) B_Q^T        (S1[s, (r, p)] = <b_K[s, r], B_Q[p]>)
     S2 = S1 W2             [S, R H]   W2 = I_R (x) c A_Q,  c = scale / (R_Q R_K)
@@ -25,6 +25,8 @@ Per cache block of S rows (row s, rank r, head h; ``x`` below indexes the (rank,
     Y  = b_V^T ((p F_V^T) (.) a_V)    [U E, U H]   p repeated per value rank, times a_V
     acc += G_E (Y (.) Diag) F_V       [E, H]       the (u, u) diagonal blocks of Y, summed over u
     o = acc / (R_V l)
+
+(F_V [U H, H] and G_E [E, U E] are 0/1 rank folds like F_K; Diag keeps the (u, u) blocks.)
 
 W1 and W2 are the block-diagonal (Kronecker) forms of Alg. 3's per-rank GEMMs S1 = b_K B_Q^T,
 S2 = S1 A_Q, built once per step outside the kernel (they are [R D, R P] and [R P, R H]).  The
