@@ -90,9 +90,9 @@ class ModelConfig:
     scan_layers: bool = True  # False: the same layer stack, fully unrolled
     remat_policy: str = "none"  # "none" | "full" | "dots" | "dots_no_batch"
     # --- cached decoding ---
-    # How one-token decode steps read the cache: "flash" (FlashTPA, Alg. 2, in jnp; MLA scores in the latent
-    # space; MHA/MQA/GQA read K and V), "pallas" (the Pallas FlashTPA kernel, attention="tpa" only; the
-    # Pallas interpreter on CPU), "materialize" (rebuild K and V from the cache: the slow reference).
+    # How one-token decode steps read the cache: "flash" (FlashTPA, Alg. 2, in jnp; MLA scores in
+    # the latent space; MHA/MQA/GQA always read K and V), "pallas" (Pallas FlashTPA, attention="tpa"
+    # only: Mosaic on TPU, the interpreter on CPU, "flash" elsewhere), "materialize" (rebuild K and V).
     decode_impl: str = "flash"
     decode_block_size: int = 512  # cache rows per online-softmax block
 
@@ -122,6 +122,9 @@ class ModelConfig:
             raise _err("decode_impl", f"'flash' or 'materialize' for attention={self.attention!r} "
                        "(the Pallas kernel covers attention='tpa' only)", self.decode_impl)
         _positive_int("decode_block_size", self.decode_block_size)
+        if self.decode_impl == "pallas" and self.decode_block_size % 8:
+            raise _err("decode_block_size", "a multiple of 8 with decode_impl='pallas' (TPU tiling)",
+                       self.decode_block_size)
         if self.attention != "mla" and self.head_dim % 2:
             raise _err("head_dim", "an even number (RoPE rotates pairs)", self.head_dim)
 
