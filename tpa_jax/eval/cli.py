@@ -288,7 +288,9 @@ def _run_decode_bench(args) -> int:
 
 # ------------------------------------------------------------------------------------ main
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="eval.py", description="Evaluate TPA / T6 models and their baselines.")
+    script = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0].endswith(".py") else ""
+    parser = _Parser(prog=script if script == "eval.py" else "tpa-eval",
+                     description="Evaluate TPA / T6 models and their baselines.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_kv_report(sub)
     _add_perplexity(sub)
