@@ -17,16 +17,30 @@ PEAK_FLOPS = [
 ]
 
 
-def peak_flops(device: Any = None) -> Optional[float]:
-    """Peak FLOP/s of ``device`` (default: the first device); None on CPU and unknown chips."""
+# HBM bandwidth per chip in bytes/s (data sheets), matched like PEAK_FLOPS: the memory-bound limit
+# of decoding is (bytes read per step) / bandwidth
+HBM_BANDWIDTH = [
+    ("v6", 1640e9), ("v5p", 2765e9), ("v5 lite", 819e9), ("v5e", 819e9), ("tpu v5", 2765e9), ("v4", 1200e9),
+    ("h200", 4.8e12), ("h100", 3.35e12), ("a100", 2.0e12),
+]
+
+
+def _by_kind(table: list, device: Any) -> Optional[float]:
     device = device or jax.devices()[0]
     if device.platform == "cpu":
         return None
     kind = device.device_kind.lower()
-    for key, flops in PEAK_FLOPS:
-        if key in kind:
-            return flops
-    return None
+    return next((v for key, v in table if key in kind), None)
+
+
+def hbm_bandwidth(device: Any = None) -> Optional[float]:
+    """HBM bytes/s of ``device`` (default: the first device); None on CPU and unknown chips."""
+    return _by_kind(HBM_BANDWIDTH, device)
+
+
+def peak_flops(device: Any = None) -> Optional[float]:
+    """Peak FLOP/s of ``device`` (default: the first device); None on CPU and unknown chips."""
+    return _by_kind(PEAK_FLOPS, device)
 
 
 PERF_KEYS = ("step_time", "tokens_per_s", "mfu", "compile_s")
