@@ -14,6 +14,9 @@ import sys
 import numpy as np
 import pytest
 
+# no network: set before the harness (and datasets / huggingface_hub, which read them on import) loads
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytest.importorskip("lm_eval", reason="lm-evaluation-harness not installed (pip install -e '.[lm-eval]')")
 
 import tpa_jax  # noqa: E402
