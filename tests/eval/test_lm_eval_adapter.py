@@ -278,6 +278,16 @@ def test_create_from_arg_string_and_properties(env, monkeypatch):
     assert TPAJaxLM.create_from_arg_string("checkpoint=d", {"batch_size": "2"}).batch_size == 2
     assert TPAJaxLM.create_from_arg_string("checkpoint=d", {"batch_size": "auto"}).batch_size == 8
     assert TPAJaxLM(env.run).max_length == SEQ
+    # create_from_arg_obj (simple_evaluate / the harness's command line): the harness's options are
+    # keywords next to the model args, a model-args batch_size wins, auto means max_batch_size
+    harness = {"batch_size": "auto", "max_batch_size": 4, "device": "cpu"}
+    lm2 = TPAJaxLM.create_from_arg_obj({"checkpoint": "d"}, harness)
+    assert (lm2.batch_size, lm2.device) == (4, "cpu")
+    assert TPAJaxLM.create_from_arg_obj({"checkpoint": "d", "batch_size": 3}, {"batch_size": 1}).batch_size == 3
+    assert TPAJaxLM.create_from_arg_obj({"checkpoint": "d"}, {"batch_size": "auto:2"}).batch_size == 8
+    assert TPAJaxLM.create_from_arg_string("checkpoint=d,batch_size=5", harness).batch_size == 5
+    with pytest.raises(ValueError, match="unknown key"):
+        TPAJaxLM.create_from_arg_obj({"checkpoint": "d", "dtype": "float32"})
     with pytest.raises(ValueError, match="unknown key"):
         TPAJaxLM.create_from_arg_string("checkpoint=d,pretrained=x")
     # Instance-like requests (anything with .args) work like tuples

@@ -1,11 +1,13 @@
-"""The harness-facing helpers of TPAJaxLM: model_args parsing, integer options, request arguments
-and the stand-in base class used when lm-evaluation-harness is not installed."""
+"""The harness-facing helpers of TPAJaxLM: model_args parsing, integer options, request arguments,
+the harness's own options (batch_size incl. auto, max_batch_size, device) and the stand-in base
+class used when lm-evaluation-harness is not installed."""
 import types
 
 import pytest
 
 from tpa_jax.eval import lm_eval_base
-from tpa_jax.eval.lm_eval_base import int_arg, parse_model_args, request_args
+from tpa_jax.eval.lm_eval_base import (DEFAULT_BATCH_SIZE, check_device, harness_kwargs, int_arg, parse_model_args,
+                                      request_args, resolve_batch_size)
 
 
 def test_parse_model_args_reads_values_as_the_command_line_does():
@@ -45,3 +47,47 @@ def test_stand_in_base():
     base = lm_eval_base.Base()
     assert (base.rank, base.world_size) == (0, 1)
     assert base.cache_hook.add_partial("loglikelihood", ("a", "b"), (0.0, True)) is None
+
+
+def test_harness_kwargs_merges_the_harness_options_under_the_model_args():
+    known = ("checkpoint", "batch_size", "max_batch_size", "device")
+    extra = {"batch_size": 1, "max_batch_size": None, "device": "cuda:0", "something_new": 3}
+    assert harness_kwargs({"checkpoint": "d"}, extra, known) == {"checkpoint": "d", "batch_size": 1,
+                                                                 "device": "cuda:0"}
+    # --model_args batch_size=4 wins over the harness's --batch_size (no duplicate keyword)
+    assert harness_kwargs({"checkpoint": "d", "batch_size": 4}, extra, known)["batch_size"] == 4
+    assert harness_kwargs(None, None, known) == {}
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['pretrained'\]"):
+        harness_kwargs({"pretrained": "gpt2"}, {}, known)
+
+
+@pytest.mark.parametrize("batch_size, max_batch_size, expected", [
+    (4, None, 4), ("16", None, 16), (4, 64, 4), ("auto", None, DEFAULT_BATCH_SIZE), ("auto", 32, 32),
+    ("AUTO:4", "2", 2), ("auto:3", None, DEFAULT_BATCH_SIZE)])
+def test_resolve_batch_size(batch_size, max_batch_size, expected):
+    assert resolve_batch_size(batch_size, max_batch_size) == expected
+
+
+@pytest.mark.parametrize("batch_size, max_batch_size, match", [
+    ("automatic", None, "batch_size must be an integer >= 1, 'auto' or 'auto:N', got 'automatic'"),
+    (0, None, "batch_size must be"), (None, None, "batch_size must be"),
+    ("auto", 0, "max_batch_size must be an integer >= 1")])
+def test_resolve_batch_size_rejects(batch_size, max_batch_size, match):
+    with pytest.raises(ValueError, match=match):
+        resolve_batch_size(batch_size, max_batch_size)
+
+
+def test_check_device_warns_on_a_platform_jax_does_not_run(caplog):
+    import jax
+
+    backend = jax.default_backend()
+    assert check_device(None) is None
+    with caplog.at_level("WARNING", logger=lm_eval_base.__name__):
+        assert check_device(f" {backend} ") == backend
+        assert not caplog.records
+        other = "tpu:0" if backend != "tpu" else "cpu"
+        assert check_device(other) == other
+    assert len(caplog.records) == 1 and "ignored" in caplog.records[0].getMessage()
+    for bad in ("", 3):
+        with pytest.raises(ValueError, match="device must be a string"):
+            check_device(bad)

@@ -1,17 +1,24 @@
 """An lm-evaluation-harness model for tpa_jax checkpoints: ``TPAJaxLM``.
 
-With the harness installed (``pip install 'tpa-jax[lm-eval]'``) the class is registered under the
-name ``tpa_jax``.  The stock ``lm_eval`` command never imports this module, so start the harness
-through this module instead (every argument is passed on unchanged)::
+With the harness installed (``pip install 'tpa-jax[lm-eval]'``, lm-eval >= 0.4.8) importing this
+module registers the class under the name ``tpa_jax``.  The stock ``lm_eval`` command never imports
+it (the harness discovers models only among its own modules; ``--include_path`` adds task YAMLs,
+not models), so start the harness through this module instead; every argument is passed on to the
+harness's own command line unchanged::
 
     python -m tpa_jax.eval.lm_eval_adapter --model tpa_jax \\
-        --model_args checkpoint=runs/t6,step=100,batch_size=8 --tasks hellaswag
+        --model_args checkpoint=runs/t6,step=100 --batch_size 8 --tasks hellaswag
 
-or from Python, with a model already in memory::
+or from Python (after the import, ``model="tpa_jax"`` with ``model_args`` works as well)::
 
     import lm_eval
     from tpa_jax.eval.lm_eval_adapter import TPAJaxLM
     lm_eval.simple_evaluate(model=TPAJaxLM(run), tasks=["hellaswag"])
+
+The harness's own options reach the constructor too: ``batch_size`` (an integer, or ``auto`` /
+``auto:N``, which mean ``max_batch_size`` when given, else 8: no memory probe is run), and ``device``
+(not used, JAX places the model; a platform other than JAX's backend is logged as a warning).  A
+``batch_size`` in ``--model_args`` wins over ``--batch_size``.
 
 Without the harness the module still imports: ``TPAJaxLM`` then derives from a small stand-in base
 (``tpa_jax.eval.lm_eval_base``) and its three request methods take plain tuples
@@ -54,12 +61,14 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..model import model_of
-from .lm_eval_base import HAVE_LM_EVAL, Base, int_arg, parse_model_args, register_model, request_args
+from .lm_eval_base import (DEFAULT_BATCH_SIZE, HAVE_LM_EVAL, Base, check_device, harness_kwargs, int_arg,
+                           parse_model_args, register_model, request_args, resolve_batch_size)
 from .lm_eval_scoring import next_pow2, rolling_windows, score_rows
 
 __all__ = ["TPAJaxLM", "HAVE_LM_EVAL", "rolling_windows", "parse_model_args"]
 
-_ARG_KEYS = ("checkpoint", "step", "batch_size", "max_length", "max_gen_toks", "prefix_token_id", "seed")
+_ARG_KEYS = ("checkpoint", "step", "batch_size", "max_batch_size", "device", "max_length", "max_gen_toks",
+             "prefix_token_id", "seed")
 
 
 def _generate_fn() -> Callable:
@@ -77,7 +86,8 @@ class TPAJaxLM(Base):
     returns.  Or ``checkpoint`` (and ``step``) instead, loaded with ``tpa_jax.load(checkpoint,
     step=step)``.  The model runs through ``tpa_jax.model.logits_fn(config)``.
 
-    ``batch_size``: rows per forward pass.  ``max_length``: longest window in tokens (default and
+    ``batch_size``: rows per forward pass (or ``auto``: ``max_batch_size``, else 8).  ``device``:
+    accepted for the harness, not used (see the module docstring).  ``max_length``: longest window in tokens (default and
     upper bound ``config.max_seq_len``).  ``max_gen_toks``: default generation budget.
     ``prefix_token_id``: token that conditions an empty context (default: the tokenizer's
     end-of-text id; see the module docstring for tokenizers without one).  ``seed``: base seed of
@@ -85,7 +95,8 @@ class TPAJaxLM(Base):
     """
 
     def __init__(self, run: Any = None, *, checkpoint: Optional[str] = None, step: Optional[int] = None,
-                 batch_size: Any = 8, max_length: Optional[int] = None, max_gen_toks: int = 256,
+                 batch_size: Any = DEFAULT_BATCH_SIZE, max_batch_size: Optional[int] = None,
+                 device: Optional[str] = None, max_length: Optional[int] = None, max_gen_toks: int = 256,
                  prefix_token_id: Optional[int] = None, seed: int = 0):
         super().__init__()
         if run is None and checkpoint is None:
@@ -109,7 +120,8 @@ class TPAJaxLM(Base):
         if tok_vocab > cfg.vocab_size:
             raise ValueError(f"TPAJaxLM: tokenizer vocab_size {tok_vocab} exceeds the model's vocab_size "
                              f"{cfg.vocab_size}")
-        self._batch_size = int_arg("batch_size", batch_size)
+        self._batch_size = resolve_batch_size(batch_size, max_batch_size)
+        self._device = check_device(device)
         self._max_length = cfg.max_seq_len if max_length is None else int_arg("max_length", max_length)
         if self._max_length > cfg.max_seq_len:
             raise ValueError(f"TPAJaxLM: max_length {self._max_length} exceeds the model's max_seq_len "
@@ -128,27 +140,25 @@ class TPAJaxLM(Base):
     # ------------------------------------------------------------------ construction from the harness
     @classmethod
     def create_from_arg_string(cls, arg_string: str, additional_config: Optional[dict] = None) -> "TPAJaxLM":
-        """``--model_args checkpoint=DIR,step=100,batch_size=8``; of the harness's own options
-        (``additional_config``) only an integer ``batch_size`` is used, and only when the model args
-        do not set one (``device``: JAX places the model itself; ``auto`` batch sizes keep the
-        default)."""
-        args = parse_model_args(arg_string)
-        unknown = sorted(set(args) - set(_ARG_KEYS))
-        if unknown:
-            raise ValueError(f"tpa_jax model_args: unknown key(s) {unknown}; known keys are {list(_ARG_KEYS)}")
-        extra = additional_config or {}
-        bs = extra.get("batch_size")
-        if "batch_size" not in args and bs is not None:
-            try:
-                args["batch_size"] = int_arg("batch_size", bs)
-            except ValueError:
-                pass  # "auto" and friends: keep the default
-        return cls(**args)
+        """``--model_args checkpoint=DIR,step=100``, plus the harness's ``batch_size`` /
+        ``max_batch_size`` / ``device`` (``additional_config``) where the model args do not set them."""
+        return cls.create_from_arg_obj(parse_model_args(arg_string), additional_config)
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: Optional[dict], additional_config: Optional[dict] = None) -> "TPAJaxLM":
+        """``create_from_arg_string`` with the model args already a dict (what ``simple_evaluate``
+        and the harness's command line use); an unknown key raises ``ValueError``."""
+        return cls(**harness_kwargs(arg_dict, additional_config, _ARG_KEYS))
 
     # ------------------------------------------------------------------ properties
     @property
     def batch_size(self) -> int:
         return self._batch_size
+
+    @property
+    def device(self) -> Optional[str]:
+        """The harness's ``device`` option as given (not used: JAX places the model)."""
+        return self._device
 
     @property
     def max_length(self) -> int:
