@@ -80,9 +80,24 @@ def test_blocked_full_forward_matches_xla(name):
     check_same(run(name, "blocked", "full"), reference(name, "full"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", MECHANISMS)
 def test_blocked_cached_prefill_with_ragged_lengths_matches_xla(name):
     check_same(run(name, "blocked", "prefill"), reference(name, "prefill"))
+
+
+# the Pallas interpreter's programs take a while to compile on CPU: every mechanism in the full
+# forward, the cached prefill for the three attention modules (TPA, grouped heads, MLA's E != D)
+@pytest.mark.slow
+@pytest.mark.parametrize("name", MECHANISMS)
+def test_splash_full_forward_matches_xla(name):
+    check_same(run(name, "splash", "full"), reference(name, "full"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["tpa", "gqa", "mla"])
+def test_splash_cached_prefill_with_ragged_lengths_matches_xla(name):
+    check_same(run(name, "splash", "prefill"), reference(name, "prefill"))
 
 
 @functools.lru_cache(maxsize=None)
@@ -107,12 +122,17 @@ def run_sharded(name, impl):
     return jax.device_get(out)
 
 
-@pytest.mark.parametrize("name", MECHANISMS)
-def test_blocked_sharded_matches_xla(name):
+# blocked is plain jnp partitioned by XLA; splash runs per shard in shard_map: heads and kv heads
+# split (tpa), query heads split with the one kv head replicated (mqa), heads replicated (gqa: 3
+# kv heads on tensor=2); the batch of 4 is split over (data, fsdp)
+@pytest.mark.slow
+@pytest.mark.parametrize("name, impl", [("tpa", "blocked"), ("mla", "blocked"),
+                                        ("tpa", "splash"), ("mqa", "splash"), ("gqa", "splash")])
+def test_sharded_matches_xla(name, impl):
     params, tokens = setup(name, batch=4)
     want = jax.jit(jax.value_and_grad(functools.partial(full_loss, cfg_for(name, "xla")), has_aux=True))(
         params, tokens)
-    check_same(run_sharded(name, "blocked"), want)
+    check_same(run_sharded(name, impl), want)
 
 
 def test_config_field():

@@ -30,15 +30,19 @@ AUTO_BLOCKED_MIN_T = 2048  # "auto" without a fused kernel: blocked from this ma
 _LOGGED: set[str] = set()
 
 
-def _cudnn_refusal(backend: str, q_BTHD: jax.Array, v_BSKE: jax.Array) -> Optional[str]:
-    if backend != "gpu" or not hasattr(jax.devices()[0], "compute_capability"):
+def _compute_capability() -> Optional[float]:
+    """The first device's CUDA compute capability (None off NVIDIA GPUs)."""
+    cc = getattr(jax.devices()[0], "compute_capability", None)
+    return float(cc) if cc else None
+
+
+def _cudnn_refusal(backend: str, capability: Optional[float], q_BTHD: jax.Array, v_BSKE: jax.Array) -> Optional[str]:
+    if backend != "gpu" or capability is None:
         return "cuDNN attention runs on NVIDIA GPUs only"
     if q_BTHD.dtype not in (jnp.bfloat16, jnp.float16):
         return f"cuDNN flash attention takes bfloat16 or float16, got {q_BTHD.dtype} (compute_dtype)"
-    capability = float(jax.devices()[0].compute_capability)
     h_max = 256 if capability >= 9.0 else 128
-    dim = -(-max(q_BTHD.shape[-1], v_BSKE.shape[-1]) // 8) * 8
-    if dim > h_max:
+    if -(-max(q_BTHD.shape[-1], v_BSKE.shape[-1]) // 8) * 8 > h_max:
         return f"head dims (q/k {q_BTHD.shape[-1]}, v {v_BSKE.shape[-1]}) exceed cuDNN's {h_max} on this GPU"
     return None
 
@@ -56,7 +60,8 @@ def resolve_impl(impl: str, q_BTHD: jax.Array, k_BSKD: jax.Array, v_BSKE: jax.Ar
     """The implementation ``impl`` means for these shapes on ``backend`` (default: jax's): one of
     "xla", "blocked", "cudnn", "splash"; or a one-line ValueError."""
     backend = backend or jax.default_backend()
-    refusals = {"cudnn": lambda: _cudnn_refusal(backend, q_BTHD, v_BSKE),
+    capability = _compute_capability() if backend == "gpu" else None
+    refusals = {"cudnn": lambda: _cudnn_refusal(backend, capability, q_BTHD, v_BSKE),
                 "splash": lambda: _splash_refusal(backend, q_BTHD, k_BSKD)}
     if impl in refusals:
         why = refusals[impl]()
