@@ -17,7 +17,8 @@ def test_t6_train_step_exports_for_tpu():
     tx = make_optimizer(tcfg.optim, tcfg.steps)
     step = make_train_step(tcfg, tx, lr_schedule(tcfg.optim, tcfg.steps))
     params = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
-    state = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": params, "opt_state": jax.eval_shape(tx.init, params)}
+    state = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": params,
+             "opt_state": jax.eval_shape(tx.init, params)}
     tokens = jax.ShapeDtypeStruct((2, 256), jnp.int32)
     exported = jax.export.export(jax.jit(step), platforms=("tpu",))(state, {"inputs": tokens, "targets": tokens})
     assert exported.platforms == ("tpu",)

@@ -57,5 +57,5 @@ def cache_spec(cfg: ModelConfig) -> dict[str, CacheLeaf]:
     return attention_class(cfg).cache_spec(cfg)
 
 
-__all__ = ["attend", "attention", "attention_mask", "AttentionMask", "resolve_impl", "attention_class", "cache_spec", "CacheLeaf", "TPAttention",
-           "StandardAttention", "MLAttention"]
+__all__ = ["attend", "attention", "attention_mask", "AttentionMask", "resolve_impl", "attention_class", "cache_spec",
+           "CacheLeaf", "TPAttention", "StandardAttention", "MLAttention"]
