@@ -258,3 +258,19 @@ def test_sharded_forward_with_indivisible_heads(name, caplog, monkeypatch):
         params = _check_sharded_forward(cfg, mesh_of((2, 2, 2)))
     assert any("'heads' of size 5" in r.getMessage() for r in caplog.records)
     assert params["blocks"]["attn"]["w_o"].sharding.spec == PartitionSpec(None, None, None, "fsdp")
+
+
+def test_constrain_pins_activation_layouts_only_under_a_mesh():
+    x = jnp.ones((8, 4, 6, 16))
+    axes = ("batch", "length", "heads", "head_dim")
+    assert parallel.constrain(x, axes) is x  # no ambient mesh: untouched
+    mesh = mesh_of((2, 2, 2))
+    with jax.set_mesh(mesh):
+        text = jax.jit(lambda a: parallel.constrain(a * 2, axes)).lower(x).as_text()
+        # embed stays whole for activations even though parameters shard it over fsdp
+        assert parallel.logical_to_spec(("batch", "length", "embed"), (8, 4, 64), mesh,
+                                        parallel.ACTIVATION_RULES) == PartitionSpec(("data", "fsdp"))
+        out = jax.jit(lambda a: parallel.constrain(a * 2, axes))(x)
+    assert "sharding_constraint" in text and '"tensor"' in text
+    assert out.sharding.spec == PartitionSpec(("data", "fsdp"), None, "tensor")
+    np.testing.assert_array_equal(np.asarray(out), 2 * np.asarray(x))

@@ -91,15 +91,13 @@ class ModelConfig:
     remat_policy: str = "none"  # "none" | "full" | "dots" | "dots_no_batch"
     # --- cached decoding ---
     # How one-token decode steps read the cache: "flash" (FlashTPA, Alg. 2, in jnp; MLA scores in
-    # the latent space; MHA/MQA/GQA always read K and V), "pallas" (the Pallas FlashTPA kernel,
-    # attention="tpa" only; run by the Pallas interpreter when jax's default backend is the CPU),
-    # "materialize" (rebuild K and V from the cache: the slow reference).
+    # the latent space; MHA/MQA/GQA always read K and V), "pallas" (Pallas FlashTPA, attention="tpa"
+    # only: Mosaic on TPU, the interpreter on CPU, "flash" elsewhere), "materialize" (rebuild K and V).
     decode_impl: str = "flash"
     decode_block_size: int = 512  # cache rows per online-softmax block
-    # --- attention over T > 1 queries (training, full forward, cached prefill) ---
-    # "xla" (einsum, dense mask: the reference), "blocked" (online softmax over key blocks in jnp,
-    # O(T * block) memory, any backend), "cudnn" (GPU), "splash" (Pallas TPU kernel; interpreted on
-    # CPU), "auto" (cudnn on GPU when it can, splash on TPU, else blocked for T >= 2048, else xla)
+    # --- T > 1 queries (training, forward, cached prefill): "xla" (einsum, dense mask: the reference),
+    # "blocked" (jnp online softmax over key blocks, O(T * block) memory), "cudnn" (GPU), "splash" (Pallas
+    # TPU kernel; interpreted on CPU), "auto" (cudnn / splash / blocked from T = 2048 / xla: see dispatch.py)
     attention_impl: str = "auto"
     attention_block_size: int = 512  # query and key block of "blocked" (splash: rounded to 128s)
 
@@ -119,14 +117,16 @@ class ModelConfig:
             if getattr(self, name) not in allowed:
                 raise _err(name, f"one of {allowed}", getattr(self, name))
         for name in ("norm_eps", "mla_norm_eps", "attn_out_norm_eps", "rope_theta"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0 or not math.isfinite(v):
-                raise _err(name, "a finite number > 0", v)
+            if not (_num(getattr(self, name)) and getattr(self, name) > 0):
+                raise _err(name, "a finite number > 0", getattr(self, name))
         if self.mlp_hidden is not None:
             _positive_int("mlp_hidden", self.mlp_hidden)
         if self.decode_impl == "pallas" and self.attention != "tpa":
             raise _err("decode_impl", f"'flash' or 'materialize' for attention={self.attention!r} "
                        "(the Pallas kernel covers attention='tpa' only)", self.decode_impl)
+        if self.decode_impl == "pallas" and self.decode_block_size % 8:
+            raise _err("decode_block_size", "a multiple of 8 with decode_impl='pallas' (TPU tiling)",
+                       self.decode_block_size)
         if self.attention != "mla" and self.head_dim % 2:
             raise _err("head_dim", "an even number (RoPE rotates pairs)", self.head_dim)
 
@@ -187,11 +187,7 @@ class ModelConfig:
     @property
     def kv_heads(self) -> int:
         """Number of distinct key/value heads (TPA and MLA: n_head)."""
-        if self.attention == "mqa":
-            return 1
-        if self.attention == "gqa":
-            return self.n_kv_head
-        return self.n_head
+        return {"mqa": 1, "gqa": self.n_kv_head}.get(self.attention, self.n_head)
 
     @property
     def value_dim(self) -> int:
@@ -211,9 +207,7 @@ class ModelConfig:
     @property
     def rope_dim(self) -> int:
         """Dimension RoPE rotates: head_dim, d_b (third-order TPA) or d^R_h (MLA)."""
-        if self.attention == "mla":
-            return self.rope_head_dim
-        return self.b_dim if self.attention in ("tpa", "tpa_kvonly") else self.head_dim
+        return self.rope_head_dim if self.attention == "mla" else self.b_dim if self.is_tpa else self.head_dim
 
     @property
     def attn_scale(self) -> float:
@@ -247,6 +241,10 @@ def _check(cls_name: str, field: str, ok: bool, expected: str, got: Any) -> None
 
 def _int_ge(v: Any, minimum: int) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= minimum
+
+
+def _num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -313,8 +311,7 @@ class OptimConfig:
         for f, lo in (("lr", 0), ("b1", 0), ("b2", 0), ("eps", 0), ("min_lr", None), ("weight_decay", None),
                       ("grad_clip", None)):
             v = getattr(self, f)
-            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-            _check("OptimConfig", f, ok and (v > 0 if lo == 0 else v >= 0),
+            _check("OptimConfig", f, _num(v) and (v > 0 if lo == 0 else v >= 0),
                    f"a finite number {'>' if lo == 0 else '>='} 0", v)
         _check("OptimConfig", "min_lr", self.min_lr <= self.lr, f"<= lr={self.lr}", self.min_lr)
         _check("OptimConfig", "warmup_steps", _int_ge(self.warmup_steps, 0), "an integer >= 0", self.warmup_steps)
@@ -360,6 +357,7 @@ class TrainConfig:
     sample_prompt: str = "def "
     # resuming with a changed model / data / seed / batch_size: "refuse" (one-line error) or "allow" (logged)
     resume_changes: str = "refuse"
+    peak_flops: Optional[float] = None  # FLOP/s per device for MFU (default: the chip's bf16 peak; none on CPU)
 
     def __post_init__(self):
         if isinstance(self.model, Mapping):
@@ -383,6 +381,8 @@ class TrainConfig:
         _check("TrainConfig", "nan_policy", self.nan_policy in ("stop", "skip"), "'stop' or 'skip'", self.nan_policy)
         _check("TrainConfig", "resume_changes", self.resume_changes in ("refuse", "allow"), "'refuse' or 'allow'",
                self.resume_changes)
+        _check("TrainConfig", "peak_flops", self.peak_flops is None or (_num(self.peak_flops) and self.peak_flops > 0),
+               "None or a finite number > 0", self.peak_flops)
         _check("TrainConfig", "data.seq_len", self.data.seq_len <= self.model.max_seq_len,
                f"<= the model's max_seq_len={self.model.max_seq_len}", self.data.seq_len)
         if self.profile_steps is not None:

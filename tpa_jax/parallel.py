@@ -76,6 +76,10 @@ LOGICAL_AXIS_RULES: Rules = (
     ("cache_length", None),
 )
 
+# Activations (inside jit): the residual stream's embed axis stays whole on every device (as in
+# Megatron / MaxText tensor parallelism); batch, heads and mlp follow the parameter rules.
+ACTIVATION_RULES: Rules = tuple((name, None if name == "embed" else axes) for name, axes in LOGICAL_AXIS_RULES)
+
 _LOGGED: set[str] = set()  # fallback messages already logged (each is logged once per process)
 
 
@@ -140,8 +144,10 @@ def _best_subset(axes: tuple[str, ...], size: int, mesh_shape: Mapping[str, int]
 
 
 def logical_to_spec(logical_axes: Optional[Sequence[Optional[str]]], shape: Sequence[int], mesh: Mesh,
-                    rules: Rules = LOGICAL_AXIS_RULES) -> PartitionSpec:
-    """PartitionSpec for an array of ``shape`` whose dimensions carry ``logical_axes`` (see module doc)."""
+                    rules: Rules = LOGICAL_AXIS_RULES, log_fallbacks: bool = True) -> PartitionSpec:
+    """PartitionSpec for an array of ``shape`` whose dimensions carry ``logical_axes`` (see module doc);
+    fallbacks are logged once each unless ``log_fallbacks`` is False (activations: expected)."""
+    say = _log_once if log_fallbacks else (lambda msg: None)
     shape = tuple(int(s) for s in shape)
     if logical_axes is None:
         return PartitionSpec()
@@ -159,13 +165,13 @@ def logical_to_spec(logical_axes: Optional[Sequence[Optional[str]]], shape: Sequ
         wanted = tuple(a for a in _rule(name, rules) if mesh_shape.get(a, 1) > 1)
         free = tuple(a for a in wanted if a not in used)
         if free != wanted:
-            _log_once(f"parallel: logical axis {name!r} (size {size}) cannot use mesh axes "
+            say(f"parallel: logical axis {name!r} (size {size}) cannot use mesh axes "
                       f"{tuple(a for a in wanted if a in used)} already taken by another dimension of "
                       f"{logical_axes}; using {free or 'none (replicated)'}")
         chosen = _best_subset(free, size, mesh_shape)
         if chosen != free:
             sizes = "x".join(str(mesh_shape[a]) for a in free)
-            _log_once(f"parallel: logical axis {name!r} of size {size} is not divisible by mesh axes "
+            say(f"parallel: logical axis {name!r} of size {size} is not divisible by mesh axes "
                       f"{free} (size {sizes}); "
                       + (f"sharding it over {chosen} only" if chosen else "replicating it"))
         used.update(chosen)
@@ -173,6 +179,18 @@ def logical_to_spec(logical_axes: Optional[Sequence[Optional[str]]], shape: Sequ
     while spec and spec[-1] is None:
         spec.pop()
     return PartitionSpec(*spec)
+
+
+def constrain(x: jax.Array, logical_axes: Sequence[Optional[str]]) -> jax.Array:
+    """Pin an activation's layout inside ``jit`` under the ambient mesh (``mesh_context``): its
+    dimensions carry ``logical_axes``, mapped by ``ACTIVATION_RULES`` (with the same divisibility
+    fallback as parameters), so that XLA keeps the intended layout under fsdp and tensor
+    parallelism.  Without an ambient mesh, or on one device, ``x`` is returned as it is."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return x
+    spec = logical_to_spec(logical_axes, x.shape, mesh, ACTIVATION_RULES, log_fallbacks=False)
+    return jax.lax.with_sharding_constraint(x, spec)
 
 
 def logical_to_sharding(logical_axes: Optional[Sequence[Optional[str]]], shape: Sequence[int], mesh: Mesh,

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import logging
 import os
 from typing import Any, Optional, Sequence, Union
 
@@ -28,7 +27,7 @@ from .config import ModelConfig, TrainConfig
 from .data.tokenizers import Tokenizer, load_tokenizer
 from .inference.generate import Generation, generate
 from .model import Transformer, abstract_params, logits_fn, model_of
-from .train.checkpoint import CheckpointError, restore_newest, verify
+from .train.checkpoint import CheckpointError, manager, restore_newest, verify
 
 __all__ = ["Run", "load", "find_checkpoint_dir", "CheckpointError"]
 
@@ -138,13 +137,7 @@ def load(checkpoint_dir: Union[str, os.PathLike], step: Optional[int] = None, *,
     (``CheckpointError`` listing the steps there are).
     """
     path = find_checkpoint_dir(checkpoint_dir)
-    absl_log = logging.getLogger("absl")
-    level = absl_log.level
-    absl_log.setLevel(logging.ERROR)  # read-only managers warn about being read-only
-    try:
-        mngr = ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(read_only=True, create=False))
-    finally:
-        absl_log.setLevel(level)
+    mngr = manager(path, read_only=True)
     try:
         s, (meta, params) = restore_newest(mngr, lambda s: _restore_step(mngr, s, mesh), step, what="loaded")
     finally:

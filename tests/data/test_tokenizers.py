@@ -76,3 +76,20 @@ def test_slugs_and_chunks():
     assert hf.startswith("hf-") and len(hf) == 13 and hf == tokenizer_slug("hf:/some/where/tokenizer.json")
     assert list(iter_chunks(range(7), 3)) == [[0, 1, 2], [3, 4, 5], [6]]
     assert list(iter_chunks([], 3)) == []
+
+
+def test_tokenizer_identity_kind_vocab_and_source(tmp_path):
+    from tpa_jax.data import tokenizer_identity, tokenizer_mismatch
+
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text('{"model": 1}')
+    b.write_text('{"model": 2}')
+    hf_a = {"kind": "hf", "name": f"hf:{a}", "path": str(a), "vocab_size": 300}  # an older manifest: no sha256
+    hf_a2 = {"kind": "hf", "name": "hf:elsewhere/tokenizer.json", "path": "/nonexistent/tokenizer.json",
+             "sha256": tokenizer_identity(hf_a)[2], "vocab_size": 300}  # the same file, moved
+    hf_b = {"kind": "hf", "name": f"hf:{b}", "path": str(b), "vocab_size": 300}
+    assert tokenizer_mismatch(hf_a, hf_a2) is None
+    assert "tokenizer.json sha256" in tokenizer_mismatch(hf_a, hf_b)
+    gpt2 = {"kind": "tiktoken", "name": "gpt2", "encoding": "gpt2", "vocab_size": 50257}
+    assert "encoding 'gpt2' vs 'cl100k_base'" in tokenizer_mismatch(gpt2, dict(gpt2, encoding="cl100k_base"))
+    assert tokenizer_mismatch({"kind": "byte", "name": "byte", "vocab_size": 256}, ByteTokenizer().to_manifest()) is None

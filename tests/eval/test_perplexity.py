@@ -1,7 +1,9 @@
 """perplexity(run): the token-weighted mean next-token loss over the full batches of a held-out
 split, against an explicit log-softmax over windows read straight from the shard files."""
+import json
 import math
 import os
+import shutil
 import types
 
 import jax
@@ -10,7 +12,7 @@ import pytest
 
 import tpa_jax
 from tpa_jax.config import DataConfig, TrainConfig
-from tpa_jax.data import load_manifest, prepare_files
+from tpa_jax.data import ByteTokenizer, load_manifest, prepare_files
 from tpa_jax.eval.perplexity import perplexity
 from _util import cfg_of, init_params
 
@@ -28,7 +30,7 @@ def env(tmp_path_factory):
     cfg = cfg_of("tpa", vocab_size=256, max_seq_len=32)
     _, params = init_params(cfg, seed=2)
     tcfg = TrainConfig(model=cfg, data=DataConfig(source="manifest", path=str(manifest), seq_len=SEQ))
-    run = types.SimpleNamespace(config=cfg, params=params, train_config=tcfg, step=7)
+    run = types.SimpleNamespace(config=cfg, params=params, train_config=tcfg, step=7, tokenizer=ByteTokenizer())
     return types.SimpleNamespace(run=run, manifest=str(manifest), fwd=jax.jit(tpa_jax.logits_fn(cfg)))
 
 
@@ -74,3 +76,26 @@ def test_explicit_manifest_split_seq_len_and_max_batches(env):
 def test_a_window_longer_than_the_model_is_refused(env):
     with pytest.raises(ValueError, match="exceeds the model's max_seq_len 32"):
         perplexity(env.run, seq_len=64)
+
+
+def retokenized(src_manifest, dst, tokenizer):
+    """A copy of the prepared shards whose manifest says another tokenizer made them."""
+    shutil.copytree(os.path.dirname(src_manifest), dst)
+    path = os.path.join(dst, "manifest.json")
+    m = json.load(open(path))
+    m["tokenizer"] = tokenizer
+    json.dump(m, open(path, "w"))
+    return path
+
+
+@pytest.mark.parametrize("tok, what", [
+    ({"kind": "hf", "name": "hf:tok.json", "sha256": "0" * 64, "vocab_size": 256}, "kind 'hf' vs 'byte'"),
+    ({"kind": "byte", "name": "byte", "vocab_size": 200}, "vocab_size 200 vs 256"),
+])
+def test_data_from_another_tokenizer_is_refused_unless_allowed(env, tmp_path, tok, what):
+    other = retokenized(env.manifest, tmp_path / "other", tok)
+    with pytest.raises(ValueError, match="allow_tokenizer_mismatch") as e:
+        perplexity(env.run, other, batch_size=2, max_batches=1)
+    assert "\n" not in str(e.value) and what in str(e.value)
+    res = perplexity(env.run, other, batch_size=2, max_batches=1, allow_tokenizer_mismatch=True)
+    assert res["batches"] == 1 and math.isfinite(res["loss"])

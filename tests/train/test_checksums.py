@@ -107,7 +107,7 @@ def test_load_falls_back_past_flipped_bytes(tmp_path, straight, fraction, caplog
         run = tpa_jax.load(tmp_path)
     assert run.step == 8  # the flipped step is never returned
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING
-                and f"checkpoint {STEPS} " in r.getMessage()]
+                and f"step {STEPS}: " in r.getMessage()]
     assert len(warnings) == 1 and "\n" not in warnings[0], warnings
     assert sorted(os.listdir(tmp_path / "checkpoints")) == before  # read-only: nothing moved
 
@@ -118,7 +118,7 @@ def test_resume_falls_back_past_flipped_bytes_and_quarantines(tmp_path, corpus, 
     with caplog.at_level(logging.WARNING, logger="tpa_jax.train.checkpoint"):
         resumed = train(make_cfg(tmp_path, corpus, steps=STEPS, save_every=100), progress=False, stop_at_step=9)
     assert resumed["start_step"] == 8
-    assert f"checkpoint {STEPS} " in caplog.text and "could not be restored" in caplog.text
+    assert f"step {STEPS}: " in caplog.text and "could not be restored" in caplog.text
     (moved,) = os.listdir(tmp_path / "checkpoints" / "quarantine")
     assert moved.startswith(f"{STEPS}-")
     assert ckpt.manager(tmp_path / "checkpoints", read_only=True).all_steps() == [8, 9]

@@ -4,6 +4,7 @@ metrics of a resumed run (each step once) and the checkpoint a NaN stop names (t
 import dataclasses
 import fcntl
 import json
+import math
 import os
 import re
 import shutil
@@ -95,6 +96,19 @@ def test_resume_changes_allow_resumes_and_records(tmp_path, corpus, straight, ca
     assert json.load(open(run / "config.json"))["seed"] == 5
 
 
+def test_resume_on_data_from_another_tokenizer_is_refused(tmp_path, corpus, straight):
+    from tpa_jax.data import load_manifest
+    from tpa_jax.train.loop import _check_resume_config
+
+    run = resumable(tmp_path, straight)
+    manifest = load_manifest(str(corpus))
+    _check_resume_config(make_cfg(run, corpus, steps=STEPS), manifest, True)  # the same tokenizer: accepted
+    other = dict(manifest, tokenizer={"kind": "hf", "name": "hf:tok.json", "sha256": "ab" * 32, "vocab_size": 256})
+    with pytest.raises(ValueError, match="resume with a changed config") as e:
+        _check_resume_config(make_cfg(run, corpus, steps=STEPS), other, True)
+    assert "\n" not in str(e.value) and "tokenizer (kind, vocab, source) ['byte', 256, None] -> ['hf', 256" in str(e.value)
+
+
 def test_resume_with_changed_optimiser_and_steps(tmp_path, corpus, straight, caplog):
     run = resumable(tmp_path, straight)
     optim = OptimConfig(lr=LR / 2, min_lr=MIN_LR, warmup_steps=WARMUP)
@@ -131,6 +145,10 @@ def test_corrupt_newest_step_is_quarantined_and_metrics_hold_each_step_once(tmp_
     assert train_steps == list(range(1, 13))  # 9 and 10 of the first attempt were dropped
     val_steps = [r["step"] for r in recs if "val_loss" in r]
     assert val_steps == [0, 3, 6, 9, 12] and not os.path.exists(tmp_path / "metrics.jsonl.tmp")
+
+    again = train(cfg, progress=False)  # the finished run, run again: nothing trained, nothing written twice
+    assert again["start_step"] == again["step"] == 12 and math.isfinite(again["val_loss"])
+    assert read_metrics(tmp_path) == recs
 
 
 def test_quarantine_moves_only_steps_newer_than_a_good_one(tmp_path):

@@ -133,36 +133,69 @@ def test_evaluate_averages_losses_and_pools_recall_counts(tmp_path, corpus, accu
                                  "val_recall_exact": 3 / 24})
 
 
-def test_two_process_distributed_run(tmp_path, corpus):
-    """Two jax.distributed CPU processes (gloo) on localhost train a few steps and share a checkpoint."""
+def launch_two_processes(run, corpus, *overrides):
+    """Two jax.distributed CPU processes (gloo) on localhost running train.py: [(returncode, out, err)]."""
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    run = tmp_path / "run"
     procs = []
     for pid in range(2):
         env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
                    JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(pid),
                    XLA_FLAGS="--xla_force_host_platform_device_count=2")
         procs.append(subprocess.Popen(
-            [sys.executable, os.path.join(ROOT, "train.py"), "--no-progress", f"run_dir={run}", "steps=3",
-             "save_every=3", "batch_size=8", "log_every=1", "data.source=manifest", f"data.path={corpus}",
-             "data.seq_len=32", "sample_tokens=4", "eval_batches=1", "mesh.data=2", "mesh.fsdp=2"],
+            [sys.executable, os.path.join(ROOT, "train.py"), "--no-progress", f"run_dir={run}", "batch_size=8",
+             "log_every=1", "data.source=manifest", f"data.path={corpus}", "data.seq_len=32", "eval_batches=1",
+             "mesh.data=2", "mesh.fsdp=2", *overrides],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT))
-    outs = []
+    results = []
     for p in procs:
         try:
             out, err = p.communicate(timeout=600)
         finally:
             p.kill()
-        assert p.returncode == 0, err[-3000:]
-        outs.append(out)
-    finals = [next(l for l in o.splitlines() if "done: step 3" in l).split(": ", 1)[1] for o in outs]
+        results.append((p.returncode, out, err))
+    return results
+
+
+@pytest.mark.slow
+def test_two_process_distributed_run(tmp_path, corpus):
+    """Two processes train together and share checkpoints; resuming past a corrupt newest step, they
+    agree on the fallback and process 0 moves it aside; a locked run_dir stops both before writing."""
+    from test_checkpoint import corrupt
+
+    run = tmp_path / "run"
+    results = launch_two_processes(run, corpus, "steps=4", "save_every=2", "sample_tokens=4")
+    for rc, out, err in results:
+        assert rc == 0, err[-3000:]
+    outs = [out for _, out, _ in results]
+    finals = [next(l for l in o.splitlines() if "done: step 4" in l).split(": ", 1)[1] for o in outs]
     assert finals[0] == finals[1]  # both processes report the same validation loss
     assert "process 0/2" in outs[0] and "process 1/2" in outs[1]
     mngr = ckpt.manager(run / "checkpoints", read_only=True)
-    assert mngr.all_steps() == [3]
-    assert ckpt.restore_meta(mngr, 3)["step"] == 3
-    assert [r["step"] for r in read_metrics(run) if "loss" in r] == [1, 2, 3]
+    assert mngr.all_steps() == [2, 4]
+    assert ckpt.restore_meta(mngr, 4)["step"] == 4
+    assert [r["step"] for r in read_metrics(run) if "loss" in r] == [1, 2, 3, 4]
+
+    corrupt(run / "checkpoints" / "4")
+    results = launch_two_processes(run, corpus, "steps=5", "save_every=100", "sample_tokens=0")
+    for rc, out, err in results:
+        assert rc == 0 and "done: step 5" in out, err[-3000:]
+        assert "Traceback" not in err, err[-3000:]
+    assert "resumed from step 2" in results[0][1]
+    (moved,) = os.listdir(run / "checkpoints" / "quarantine")
+    assert moved.startswith("4-")
+    assert ckpt.manager(run / "checkpoints", read_only=True).all_steps() == [2, 5]
+    assert [r["step"] for r in read_metrics(run) if "loss" in r] == [1, 2, 3, 4, 5]
+
+    from tpa_jax.train import guard
+
+    before = sorted(os.listdir(run))
+    with guard.run_lock(str(run)):
+        results = launch_two_processes(run, corpus, "steps=6")
+    for rc, out, err in results:
+        lines = err.strip().splitlines()
+        assert rc == 2 and len(lines) == 1 and "is being trained by another process" in lines[0], err[-3000:]
+    assert sorted(os.listdir(run)) == before

@@ -57,3 +57,37 @@ def test_a_run_records_every_step_and_its_evaluations(straight):
                 MIN_LR + 0.5 * (LR - MIN_LR) * (1 + math.cos(math.pi * (s - WARMUP) / (STEPS - WARMUP))))
         assert r["lr"] == pytest.approx(want, rel=1e-6)
         assert r["grad_norm"] > 0 and "skipped_update" not in r
+
+
+def read_tensorboard(directory):
+    """{tag: [(step, value)]} from the TFRecord event files (length, crc, payload, crc per record)."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    out = {}
+    for f in sorted(directory.iterdir()):
+        data = f.read_bytes()
+        i = 0
+        while i < len(data):
+            (n,) = struct.unpack("<Q", data[i:i + 8])
+            ev = event_pb2.Event.FromString(data[i + 12:i + 12 + n])
+            i += 12 + n + 4
+            for v in ev.summary.value:
+                out.setdefault(v.tag, []).append((ev.step, v.simple_value))
+    return out
+
+
+def test_tensorboard_tags_are_grouped_and_match_the_jsonl(tmp_path):
+    w = MetricsWriter(str(tmp_path))
+    w.write({"step": 0, "compile_s": 2.0})
+    w.write({"step": 1, "loss": 2.5, "lr": 1e-3, "grad_norm": 0.5, "step_time": 0.25, "tokens_per_s": 100.0,
+             "mfu": None})
+    w.write({"step": 1, "val_loss": 1.5, "val_ppl": math.exp(1.5)})
+    w.close()
+    tb = read_tensorboard(tmp_path / "tensorboard")
+    assert sorted(tb) == ["perf/compile_s", "perf/step_time", "perf/tokens_per_s", "train/grad_norm", "train/loss",
+                          "train/lr", "val/loss", "val/ppl"]
+    jsonl = read_metrics(str(tmp_path))
+    assert tb["train/loss"] == [(1, 2.5)] and tb["perf/compile_s"] == [(0, 2.0)]
+    assert tb["val/ppl"][0][1] == pytest.approx(jsonl[2]["val_ppl"], rel=1e-6)

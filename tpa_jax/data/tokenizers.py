@@ -19,7 +19,8 @@ from typing import Any, Iterable, Optional, Sequence, Union
 
 import numpy as np
 
-__all__ = ["Tokenizer", "ByteTokenizer", "TiktokenTokenizer", "HFTokenizer", "load_tokenizer"]
+__all__ = ["Tokenizer", "ByteTokenizer", "TiktokenTokenizer", "HFTokenizer", "load_tokenizer", "tokenizer_identity",
+           "tokenizer_mismatch"]
 
 
 class Tokenizer:
@@ -140,6 +141,7 @@ class HFTokenizer(Tokenizer):
             raise FileNotFoundError(f"HF tokenizer file not found: {path}")
         self._tok = _HFTok.from_file(path)
         self.path = path
+        self.sha256 = _file_sha256(path)
         self.name = f"hf:{path}"
         self.vocab_size = int(self._tok.get_vocab_size(with_added_tokens=True))
         vocab = self._tok.get_vocab(with_added_tokens=True)
@@ -160,8 +162,8 @@ class HFTokenizer(Tokenizer):
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
 
     def to_manifest(self) -> dict:
-        return {"kind": "hf", "name": self.name, "path": self.path, "eot_token": self.eot_token,
-                "vocab_size": self.vocab_size, "eot_id": self.eot_id}
+        return {"kind": "hf", "name": self.name, "path": self.path, "sha256": self.sha256,
+                "eot_token": self.eot_token, "vocab_size": self.vocab_size, "eot_id": self.eot_id}
 
 
 TokenizerSpec = Union[str, dict, Tokenizer]
@@ -197,6 +199,42 @@ def load_tokenizer(spec: TokenizerSpec) -> Tokenizer:
             return HFTokenizer(spec[len("hf:"):])
         raise ValueError(f"tokenizer: unknown name {spec!r} (expected 'byte', 'gpt2', 'tiktoken:<encoding>' or 'hf:<path>')")
     raise TypeError(f"tokenizer: expected a name, a manifest dict or a Tokenizer, got {type(spec).__name__}")
+
+
+def _file_sha256(path: str) -> str:
+    import hashlib
+
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def tokenizer_identity(spec: dict) -> tuple:
+    """What makes two tokenizer manifests the same tokenizer: (kind, vocab_size, what it is built
+    from): nothing for ``byte``, the encoding for tiktoken, the sha256 of the ``tokenizer.json``
+    for HF (read from the file when an older manifest did not record it; None when neither is known)."""
+    kind = spec.get("kind")
+    vocab = spec.get("vocab_size")
+    vocab = None if vocab is None else int(vocab)
+    if kind == "tiktoken":
+        return kind, vocab, spec.get("encoding", "gpt2")
+    if kind == "hf":
+        digest = spec.get("sha256")
+        if digest is None and spec.get("path") and os.path.isfile(spec["path"]):
+            digest = _file_sha256(spec["path"])
+        return kind, vocab, digest
+    return kind, vocab, None
+
+
+def tokenizer_mismatch(data: dict, model: dict) -> Optional[str]:
+    """None when the data's tokenizer manifest names the model's tokenizer, else a short description
+    of the difference (for one-line errors)."""
+    a, b = tokenizer_identity(data), tokenizer_identity(model)
+    if a == b:
+        return None
+    field = ("kind", "vocab_size", "encoding" if a[0] == "tiktoken" else "tokenizer.json sha256")
+    i = next(i for i in range(3) if a[i] != b[i])
+    return (f"the data was tokenized with {data.get('name')!r}, the model was trained with {model.get('name')!r} "
+            f"({field[i]} {a[i]!r} vs {b[i]!r})")
 
 
 def tokenizer_slug(spec: TokenizerSpec) -> str:

@@ -155,7 +155,12 @@ def dir_lock(out_dir: str):
     except ImportError:
         yield
         return
-    with open(os.path.join(out_dir, ".lock"), "a") as fh:
+    try:
+        fh = open(os.path.join(out_dir, ".lock"), "a")
+    except OSError as e:
+        raise ValueError(f"cannot prepare token shards in {out_dir!r}: {e.strerror or e} (choose a writable "
+                         f"directory, e.g. data.cache_dir=...)") from None
+    with fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         try:
             yield

@@ -153,6 +153,8 @@ def _add_perplexity(sub) -> None:
     p.add_argument("--batch-size", type=_positive_int, default=8, help="windows per batch (default 8)")
     p.add_argument("--max-batches", type=_positive_int, default=None, help="stop after this many batches")
     p.add_argument("--out", default=None, metavar="FILE", help="also write the result as JSON here")
+    p.add_argument("--allow-tokenizer-mismatch", action="store_true",
+                   help="score data tokenized differently from the checkpoint (refused by default)")
     p.set_defaults(func=_run_perplexity)
 
 
@@ -160,7 +162,8 @@ def _run_perplexity(args) -> int:
     from .perplexity import perplexity
 
     res = perplexity(_load_run(args), args.data, split=args.split, seq_len=args.seq_len,
-                     batch_size=args.batch_size, max_batches=args.max_batches)
+                     batch_size=args.batch_size, max_batches=args.max_batches,
+                     allow_tokenizer_mismatch=args.allow_tokenizer_mismatch)
     res["checkpoint"] = os.path.abspath(args.checkpoint)
     print(json.dumps(res))
     if args.out:
@@ -285,7 +288,9 @@ def _run_decode_bench(args) -> int:
 
 # ------------------------------------------------------------------------------------ main
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="eval.py", description="Evaluate TPA / T6 models and their baselines.")
+    script = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0].endswith(".py") else ""
+    parser = _Parser(prog=script if script == "eval.py" else "tpa-eval",
+                     description="Evaluate TPA / T6 models and their baselines.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_kv_report(sub)
     _add_perplexity(sub)

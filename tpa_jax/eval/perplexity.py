@@ -21,6 +21,7 @@ import jax.numpy as jnp
 
 from ..data.pipeline import eval_batches, resolve_manifest
 from ..data.shards import check_compatible, load_manifest
+from ..data.tokenizers import tokenizer_mismatch
 from ..model import loss_fn
 
 __all__ = ["perplexity"]
@@ -40,12 +41,18 @@ def _summed_loss(cfg):
 
 
 def perplexity(run, manifest: Union[str, dict, None] = None, *, split: str = "val", seq_len: Optional[int] = None,
-               batch_size: int = 8, max_batches: Optional[int] = None) -> dict:
+               batch_size: int = 8, max_batches: Optional[int] = None, allow_tokenizer_mismatch: bool = False) -> dict:
     """{"loss", "ppl", "tokens", "batches", ...} of ``run`` on ``split`` of ``manifest`` (default: the
-    data the run was trained on).  The token-weighted mean loss is float64-accumulated."""
+    data the run was trained on).  The token-weighted mean loss is float64-accumulated.  Data
+    tokenized by another tokenizer than the run's (kind, vocabulary, or the ``tokenizer.json``'s
+    hash) is refused with a one-line ValueError unless ``allow_tokenizer_mismatch``."""
     tcfg = run.train_config
     seq_len = int(seq_len or tcfg.data.seq_len)
     man = resolve_manifest(tcfg.data) if manifest is None else load_manifest(manifest)
+    why = tokenizer_mismatch(man["tokenizer"], run.tokenizer.to_manifest())
+    if why and not allow_tokenizer_mismatch:
+        raise ValueError(f"perplexity: {why}; pass allow_tokenizer_mismatch=True (--allow-tokenizer-mismatch) "
+                         f"to score it anyway")
     check_compatible(man, run.config.vocab_size, seq_len, run.config.max_seq_len)
     summed = _summed_loss(run.config)
     total, count, batches = 0.0, 0, 0

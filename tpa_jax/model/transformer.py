@@ -23,11 +23,13 @@ import jax
 import jax.numpy as jnp
 
 from .. import parallel
+from ..parallel import constrain
 from ..config import ModelConfig
 from .attention import AttentionMask, attention_class
 from .layers import Embedding, RMSNorm, SwiGLU
 from .rope import Rope, rope_tables
 
+ACTIVATION_AXES = ("batch", "length", "embed")
 REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.checkpoint_dots,
@@ -45,13 +47,14 @@ class Block(nn.Module):
                  start_B: Optional[jax.Array], cache: Optional[dict[str, jax.Array]],
                  ) -> tuple[jax.Array, Optional[dict[str, jax.Array]]]:
         cfg = self.cfg
+        x_BTM = constrain(x_BTM, ACTIVATION_AXES)  # the residual stream's layout at every block boundary
         h_BTM = RMSNorm(cfg, cfg.d_model, cfg.norm_eps, cfg.norm_weight, name="attn_norm")(x_BTM)
         a_BTM, cache = attention_class(cfg)(cfg, name="attn")(h_BTM, rope, mask, cache=cache, key_rope=key_rope,
                                                               start_B=start_B)
         x_BTM = x_BTM + a_BTM.astype(x_BTM.dtype)
         h_BTM = RMSNorm(cfg, cfg.d_model, cfg.norm_eps, cfg.norm_weight, name="mlp_norm")(x_BTM)
         x_BTM = x_BTM + SwiGLU(cfg, name="mlp")(h_BTM).astype(x_BTM.dtype)
-        return x_BTM, cache
+        return constrain(x_BTM, ACTIVATION_AXES), cache
 
 
 class Transformer(nn.Module):

@@ -10,10 +10,14 @@ fails either check is treated like one that cannot be read (``CorruptCheckpointE
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import re
+import sys
+import tempfile
 import time
-from typing import Any, Callable, Optional, TypeVar, Union
+from typing import Any, Callable, Iterator, Optional, TypeVar, Union
 
 import jax
 import jax.numpy as jnp
@@ -28,11 +32,73 @@ class CheckpointError(RuntimeError):
     """No usable checkpoint where one was expected."""
 
 
+@contextlib.contextmanager
+def quiet_native_output(grace_s: float = 0.5) -> Iterator[None]:
+    """Send what is written to file descriptor 2 while inside (by any thread or native code) to a
+    temporary file, and log it at DEBUG afterwards.
+
+    Orbax and TensorStore print tracebacks of their own (and, from threads that outlive a failed
+    read, "Event loop is closed" tracebacks) on failures the caller expects and reports in one
+    line.  After a failure, the capture stays on for ``grace_s`` so that those late threads are
+    caught too.  With ``TPA_JAX_DEBUG=1`` nothing is captured.
+    """
+    if os.environ.get("TPA_JAX_DEBUG") == "1":
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    failed = False
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            failed = True
+            raise
+        finally:
+            if failed:
+                time.sleep(grace_s)
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            text = tmp.read().decode(errors="replace").strip()
+            if text:
+                log.debug("output of the checkpoint libraries (%d lines):\n%s", text.count("\n") + 1, text)
+
+
+class _LibraryErrorsToDebug(logging.Filter):
+    """On the ``absl`` logger: Orbax's own ERROR records (with tracebacks, from its background save
+    threads) go to this module's logger at DEBUG; the failure itself reaches the caller as one
+    CheckpointSaveError line.  Not installed with ``TPA_JAX_DEBUG=1``."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR and "orbax" in record.pathname:
+            log.debug("orbax: %s", record.getMessage(), exc_info=record.exc_info)
+            return False
+        return True
+
+
+_ABSL_FILTER = _LibraryErrorsToDebug()
+
+
 def manager(ckpt_dir: Union[str, os.PathLike], keep: int = 3, keep_every: Optional[int] = None,
             async_save: bool = True, read_only: bool = False) -> ocp.CheckpointManager:
-    """A manager of ``ckpt_dir`` keeping the last ``keep`` steps (and every ``keep_every``-th)."""
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, keep_period=keep_every, create=not read_only,
-                                           enable_async_checkpointing=async_save, read_only=read_only)
+    """A manager of ``ckpt_dir`` keeping the last ``keep`` steps (and every ``keep_every``-th); a
+    ``read_only`` one (for readers) does not create the directory and writes nothing."""
+    if read_only:
+        absl_log = logging.getLogger("absl")
+        level = absl_log.level
+        absl_log.setLevel(logging.ERROR)  # read-only managers warn that they are read-only
+        try:
+            options = ocp.CheckpointManagerOptions(read_only=True, create=False)
+            return ocp.CheckpointManager(os.path.abspath(ckpt_dir), options=options)
+        finally:
+            absl_log.setLevel(level)
+    if os.environ.get("TPA_JAX_DEBUG") != "1":
+        logging.getLogger("absl").addFilter(_ABSL_FILTER)  # idempotent
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, keep_period=keep_every,
+                                           enable_async_checkpointing=async_save)
     return ocp.CheckpointManager(os.path.abspath(ckpt_dir), options=options)
 
 
@@ -105,14 +171,39 @@ def verify(step: int, tree: Any, meta: dict) -> None:
             raise CorruptCheckpointError(f"checkpoint step {step}: leaf {name} holds non-finite values")
 
 
+class CheckpointSaveError(CheckpointError):
+    """Writing a checkpoint failed (a full disk, a read-only directory...); the steps saved before are kept."""
+
+
+def _save_failure(mngr: ocp.CheckpointManager, step: Optional[int], e: Exception) -> CheckpointSaveError:
+    msg = " ".join(str(e).split())
+    os_error = re.search(r":\s*([^:]+?)\s*\[os_error_code='?(\d+)'?\]", msg)
+    reason = f"{os_error.group(1)} (errno {os_error.group(2)})" if os_error else f"{type(e).__name__}: {msg[:300]}"
+    what = "a checkpoint" if step is None else f"checkpoint step {step} (or an earlier one still being written)"
+    return CheckpointSaveError(f"saving {what} in {mngr.directory} failed: {reason}; the checkpoints saved before "
+                               f"are kept ({sorted(mngr.all_steps()) or 'none'})")
+
+
 def save(mngr: ocp.CheckpointManager, step: int, state: Any, meta: dict, force: bool = False) -> bool:
     """Save ``state`` (arrays) and ``meta`` (JSON, plus the state's ``checksums``) as ``step``;
-    False when the manager's policy skips it."""
+    False when the manager's policy skips it.  A failure (this one, or an earlier asynchronous save's)
+    raises CheckpointSaveError (one line)."""
     if not force and not mngr.should_save(step):
         return False
     meta = {**meta, "checksums": checksums(state)[0]}
-    return mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-                     force=force)
+    try:
+        return mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                       meta=ocp.args.JsonSave(meta)), force=force)
+    except Exception as e:
+        raise _save_failure(mngr, step, e) from e
+
+
+def wait(mngr: ocp.CheckpointManager) -> None:
+    """Wait for the asynchronous saves in flight; a failed one raises CheckpointSaveError (one line)."""
+    try:
+        mngr.wait_until_finished()
+    except Exception as e:
+        raise _save_failure(mngr, None, e) from e
 
 
 def abstract_like(tree: Any) -> Any:
@@ -145,13 +236,16 @@ def quarantine_step(mngr: ocp.CheckpointManager, step: int) -> str:
 
 
 def restore_newest(mngr: ocp.CheckpointManager, restore: Callable[[int], _T], step: Optional[int] = None,
-                   what: str = "restored", quarantine: bool = False) -> tuple[int, _T]:
+                   what: str = "restored", quarantine: bool = False,
+                   agree: Optional[Callable[[bool], bool]] = None) -> tuple[int, _T]:
     """``(step, restore(step))`` for the newest step whose ``restore`` succeeds (or for ``step``).
 
     Steps that fail are reported and left on disk, or with ``quarantine`` moved aside
     (``quarantine_step``, then the manager is reloaded) once an older step has restored, so that
     a failure common to every step (a target that does not fit) moves nothing; CheckpointError
-    (one line) when none works or ``step`` does not exist.
+    (one line) when none works or ``step`` does not exist.  In a job of several processes,
+    ``agree(ok)`` (a collective: did every process succeed?) makes them judge each step together;
+    process 0 alone moves steps aside while the others wait for it.
     """
     steps = sorted(mngr.all_steps(), reverse=True)
     if step is not None:
@@ -160,33 +254,43 @@ def restore_newest(mngr: ocp.CheckpointManager, restore: Callable[[int], _T], st
         steps = [step]
     errors, failed = [], []
     for s in steps:
+        error: Optional[Exception] = None
         try:
-            out = restore(s)
+            with quiet_native_output():
+                out = restore(s)
         except Exception as e:  # a partial / corrupt step directory
-            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            errors.append(f"step {s}: {type(e).__name__}: {first}"[:300])
-            log.warning("checkpoint %s in %s could not be %s (%s); trying an older one", s, mngr.directory, what,
-                        errors[-1])
+            error = e
+        if agree is not None and not agree(error is None) and error is None:
+            error = CheckpointError("another process of this job could not read it")
+        if error is not None:
+            first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            errors.append(f"step {s}: {type(error).__name__}: {first}"[:300])
+            log.debug("checkpoint %s in %s could not be %s (%s); trying an older one", s, mngr.directory, what,
+                      errors[-1])
             failed.append(s)
             continue
+        where = "kept on disk"
         if quarantine and failed:  # only once an older step restores: a mismatch failing every step moves nothing
-            for f in failed:
-                log.warning("checkpoint %s could not be %s and was moved aside to %s", f, what,
-                            quarantine_step(mngr, f))
+            if agree is None or jax.process_index() == 0:
+                where = "moved aside to " + ", ".join(quarantine_step(mngr, f) for f in failed)
+            else:
+                where = "moved aside by process 0"
+            if agree is not None:
+                agree(True)  # the others wait here until process 0 has moved them
             mngr.reload()
         if errors:
-            log.warning("using step %d; newer checkpoint(s) could not be %s and were %s: %s", s, what,
-                        "moved to quarantine" if quarantine else "kept on disk", "; ".join(errors))
+            log.warning("using step %d of %s; newer checkpoint(s) could not be %s and were %s: %s", s,
+                        mngr.directory, what, where, "; ".join(errors))
         return s, out
     raise CheckpointError(f"no readable checkpoint in {mngr.directory}: " + ("; ".join(errors) or "none saved"))
 
 
 def restore_latest(mngr: ocp.CheckpointManager, abstract_state: Any, step: Optional[int] = None,
-                   quarantine: bool = False) -> tuple[int, Any, dict]:
+                   quarantine: bool = False, agree: Optional[Callable[[bool], bool]] = None) -> tuple[int, Any, dict]:
     """(step, state, meta) of the newest checkpoint that restores (or of ``step``).
 
     Raises CheckpointError when none does.  Broken ones are reported and left on disk, or moved
-    to quarantine with ``quarantine``.
+    to quarantine with ``quarantine`` (``agree``: see ``restore_newest``).
     """
     def restore(s: int) -> Any:
         out = mngr.restore(s, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
@@ -194,5 +298,5 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state: Any, step: Optio
         verify(s, out["state"], out["meta"])
         return out
 
-    s, out = restore_newest(mngr, restore, step, quarantine=quarantine)
+    s, out = restore_newest(mngr, restore, step, quarantine=quarantine, agree=agree)
     return s, out["state"], out["meta"]

@@ -55,8 +55,33 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 1
 
 
+def settings_help() -> str:
+    """Every config field with its type and default, grouped (model, data, optim, mesh, top level),
+    generated from the dataclasses."""
+    import dataclasses
+
+    from ..config import TrainConfig
+
+    top = TrainConfig()
+    lines = ["settings (dotted key=value overrides; model=NAME applies a named model first, whatever its",
+             "position; the defaults shown are the dataclasses', which the --config file overrides):"]
+    groups = [(f.name + ".", getattr(top, f.name)) for f in dataclasses.fields(top)
+              if dataclasses.is_dataclass(getattr(top, f.name))] + [("", top)]
+    for prefix, obj in groups:
+        lines.append(f"  {prefix[:-1] or 'top level'}:")
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if not dataclasses.is_dataclass(value):
+                lines.append(f"    {prefix}{f.name}: {f.type} = {value!r}")
+    return "\n".join(lines)
+
+
 def _main(argv: Optional[Sequence[str]]) -> int:
-    parser = argparse.ArgumentParser(description="Train a T6 / TPA model (or a baseline).")
+    script = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0].endswith(".py") else ""
+    parser = argparse.ArgumentParser(prog=script if script == "train.py" else "tpa-train", description="Train a T6 / TPA model (or a baseline).",
+                                     epilog=settings_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the fully resolved config as JSON and exit (touches no device or disk)")
     parser.add_argument("--config", default=None, help="JSON training config (default: configs/t6-tiny.json)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-3 model=mha-tiny")
@@ -72,6 +97,11 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.print_config:
+        import json
+
+        print(json.dumps(tcfg.to_dict(), indent=1))
+        return 0
     _maybe_init_distributed()
     from ..accounting import model_params
     from .checkpoint import CheckpointError

@@ -62,6 +62,48 @@ def run_lock(run_dir: str, enabled: bool = True) -> Iterator[None]:
         os.close(fd)
 
 
+@contextlib.contextmanager
+def shared_run_lock(run_dir: str) -> Iterator[None]:
+    """``run_lock`` for a job of one or more JAX processes: process 0 alone takes the lock and the
+    others wait for the outcome (a collective), so that when process 0 is refused every process
+    raises RunLockedError before writing anything, instead of training without it."""
+    import jax
+
+    if jax.process_count() == 1:
+        with run_lock(run_dir):
+            yield
+        return
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    with contextlib.ExitStack() as stack:
+        error = None
+        if jax.process_index() == 0:
+            try:
+                stack.enter_context(run_lock(run_dir))
+            except RunLockedError as e:
+                error = e
+        locked = bool(multihost_utils.broadcast_one_to_all(np.int32(error is None)))
+        if error is not None:
+            raise error
+        if not locked:
+            raise RunLockedError(f"run_dir {run_dir} is being trained by another process (process 0 of this job "
+                                 f"could not take its lock); wait for it to finish or use another run_dir")
+        yield
+
+
+def all_processes_agree(ok: bool) -> bool:
+    """A collective over the job's processes: True when ``ok`` holds on every one of them."""
+    import jax
+
+    if jax.process_count() == 1:
+        return ok
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
+
+
 def _flatten(d: Any, prefix: str = "") -> dict:
     if isinstance(d, dict):
         out = {}

@@ -23,7 +23,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from .. import accounting, parallel
 from ..config import ModelConfig, TrainConfig
 from ..data import (Tokenizer, check_compatible, eval_batches, is_recall_manifest, load_tokenizer, make_iterator,
-                    resolve_manifest)
+                    resolve_manifest, tokenizer_identity, tokenizer_mismatch)
 from ..inference import generate
 from . import checkpoint as ckpt
 from . import guard
@@ -120,19 +120,19 @@ def train(tcfg: TrainConfig, *, devices: Optional[Sequence[jax.Device]] = None, 
                          f"{jax.process_count()}, got {tcfg.batch_size}")
 
     guard.prepare_run_dir(tcfg.run_dir)
-    with guard.run_lock(tcfg.run_dir, enabled=is_main):
-        _check_resume_config(tcfg, is_main)
+    with guard.shared_run_lock(tcfg.run_dir):
+        _check_resume_config(tcfg, manifest, is_main)
         if is_main:
             with open(os.path.join(tcfg.run_dir, "config.json"), "w") as f:
                 json.dump(tcfg.to_dict(), f, indent=1)
         return _train(tcfg, manifest, tokenizer, devices=devices, progress=progress, stop_at_step=stop_at_step)
 
 
-def _check_resume_config(tcfg: TrainConfig, is_main: bool) -> None:
-    """Compare ``tcfg`` with the config stored in the newest checkpoint's metadata: changes to the
-    model, the data or ``seed`` / ``batch_size`` raise ValueError (one line) unless
-    ``resume_changes='allow'``, which logs them and appends them to ``resume_changes.jsonl``; other
-    changes are logged at INFO."""
+def _check_resume_config(tcfg: TrainConfig, manifest: dict, is_main: bool) -> None:
+    """Compare ``tcfg`` and the data's tokenizer with the config and tokenizer stored in the newest
+    checkpoint's metadata: changes to the model, the data (its tokenizer included) or ``seed`` /
+    ``batch_size`` raise ValueError (one line) unless ``resume_changes='allow'``, which logs them and
+    appends them to ``resume_changes.jsonl``; other changes are logged at INFO."""
     ckpt_dir = os.path.join(tcfg.run_dir, "checkpoints")
     if not os.path.isdir(ckpt_dir):
         return
@@ -146,6 +146,9 @@ def _check_resume_config(tcfg: TrainConfig, is_main: bool) -> None:
     finally:
         mngr.close()
     guarded, free = guard.resume_config_changes(meta.get("config", {}), tcfg.to_dict())
+    if "tokenizer" in meta and tokenizer_mismatch(manifest["tokenizer"], meta["tokenizer"]):
+        guarded["tokenizer (kind, vocab, source)"] = [list(tokenizer_identity(meta["tokenizer"])),
+                                                      list(tokenizer_identity(manifest["tokenizer"]))]
     if free:
         log.info("resuming step %d with changed settings: %s", step, guard.describe_changes(free))
     if not guarded:
@@ -180,9 +183,9 @@ def _train(tcfg: TrainConfig, manifest: dict, tokenizer: Tokenizer, *, devices: 
                              process_index=jax.process_index(), process_count=jax.process_count())
     mngr = ckpt.manager(os.path.join(tcfg.run_dir, "checkpoints"), tcfg.keep, tcfg.keep_every)
     step, last_good = 0, None
-    if mngr.all_steps():  # an unreadable newest step is moved aside (by the one process that writes)
-        step, state, meta = ckpt.restore_latest(mngr, ckpt.abstract_like(state),
-                                                quarantine=jax.process_count() == 1)
+    if mngr.all_steps():  # an unreadable newest step is moved aside (by process 0; all processes agree on it)
+        step, state, meta = ckpt.restore_latest(mngr, ckpt.abstract_like(state), quarantine=True,
+                                                agree=guard.all_processes_agree if jax.process_count() > 1 else None)
         last_good = step
         iterator.set_state(meta["data_iter"])
         if is_main and guard.trim_metrics(tcfg.run_dir, step):
@@ -207,7 +210,7 @@ def _train(tcfg: TrainConfig, manifest: dict, tokenizer: Tokenizer, *, devices: 
 
     writer = MetricsWriter(tcfg.run_dir, enabled=is_main)
     flops_tok = accounting.flops_per_token(cfg, seq, training=True)
-    peak = peak_flops()
+    peak = tcfg.peak_flops or peak_flops()
     n_chips = mesh.devices.size
     tokens_per_step = tcfg.batch_size * seq
     pending, params_ok = [], True
@@ -263,54 +266,74 @@ def _train(tcfg: TrainConfig, manifest: dict, tokenizer: Tokenizer, *, devices: 
         summary["initial_val_loss"] = rec["val_loss"]
         if is_main:
             print(f"step 0: val_loss {rec['val_loss']:.4f}", flush=True)
-    t_last = time.time()
+    next_batch = None
+    if step < tcfg.steps:  # compile before the clock starts; timed once as compile_s
+        next_batch = global_batch(next(iterator))
+        t0 = time.perf_counter()
+        with parallel.mesh_context(mesh):
+            step_fn.lower(state, next_batch).compile()  # fills the cache that the first call hits
+        compile_s = time.perf_counter() - t0
+        writer.write({"step": step, "compile_s": compile_s})
+        log.info("train step compiled in %.1f s", compile_s)
+    # Speed is measured over windows of steps that end where the host waits for the device anyway
+    # (logging, evaluation, saving, the end): the window's wall time, from the previous window's end
+    # to its last step's completed outputs, divided among its steps.  Evaluation and saving happen
+    # between windows, so they are never counted; dispatch is never timed alone.
+    window_start, window = time.perf_counter(), []
     try:
         with stop.installed(), parallel.mesh_context(mesh):
             while step < tcfg.steps:
                 if tcfg.profile_steps and step == tcfg.profile_steps[0] and is_main:
                     jax.profiler.start_trace(os.path.join(tcfg.run_dir, "profile"))
-                batch = global_batch(next(iterator))
+                batch, next_batch = next_batch if next_batch is not None else global_batch(next(iterator)), None
                 state, metrics = step_fn(state, batch)
                 step += 1
+                window.append((step, metrics))
                 if stop_at_step is not None and step == stop_at_step:  # a real SIGTERM to ourselves
                     signal.raise_signal(signal.SIGTERM) if stop.active else stop(signal.SIGTERM, None)
-                if tcfg.profile_steps and step == tcfg.profile_steps[1] and is_main:
-                    jax.block_until_ready(state)
+                profile_end = bool(tcfg.profile_steps) and step == tcfg.profile_steps[1] and is_main
+                evaluate_now = step % tcfg.eval_every == 0 and step < tcfg.steps
+                save_now = step % tcfg.save_every == 0 and step < tcfg.steps
+                if (step % tcfg.log_every == 0 or step == tcfg.steps or stop.signal is not None or evaluate_now
+                        or save_now or profile_end):
+                    jax.block_until_ready((state, metrics))
+                    now = time.perf_counter()
+                    dt = (now - window_start) / len(window)
+                    pending.extend((s, m, dt) for s, m in window)
+                    if bar is not None:
+                        bar.update(len(window))
+                    window, window_start = [], now
+                if profile_end:
                     jax.profiler.stop_trace()
-                if step % tcfg.log_every == 0 or step == tcfg.steps or stop.signal is not None:
-                    jax.block_until_ready(metrics["loss"])
-                now = time.time()
-                pending.append((step, metrics, now - t_last))
-                t_last = now
-                if bar is not None:
-                    bar.update(1)
                 if step % tcfg.log_every == 0:
                     flush()
-                if step % tcfg.eval_every == 0 and step < tcfg.steps:
+                if evaluate_now:
                     flush()
                     rec = {"step": step, **evaluate(eval_fn, state["params"], manifest, tcfg, eval_sh)}
                     writer.write(rec)
                     if bar is not None:
                         bar.write(f"step {step}: val_loss {rec['val_loss']:.4f}")
-                    t_last = time.time()
-                if step % tcfg.save_every == 0 and step < tcfg.steps:
+                if save_now:
                     save(step)
+                if evaluate_now or save_now or profile_end:
+                    window_start = time.perf_counter()
                 if stop.signal is not None:
                     save(step, force=True)
                     break
             flush()
             if step >= tcfg.steps and step not in mngr.all_steps():
                 save(step, force=True)
-            mngr.wait_until_finished()
+            ckpt.wait(mngr)
     finally:  # an error must not lose a save that is still being written
-        mngr.wait_until_finished()
+        ckpt.wait(mngr)
     if bar is not None:
         bar.close()
     summary.update(step=step, interrupted=stop.signal is not None, checkpoint_dir=str(mngr.directory))
     if stop.signal is None:
         final = evaluate(eval_fn, state["params"], manifest, tcfg, eval_sh)
         summary.update(final)
-        writer.write({"step": step, **final})
+        if step > summary["start_step"]:  # a finished run resumed again already holds this record
+            writer.write({"step": step, **final})
         if tcfg.sample_tokens:  # every process runs the (sharded) computation
             summary["sample"] = _sample(state["params"], cfg, tokenizer, tcfg.sample_prompt, tcfg.sample_tokens)
     writer.close()

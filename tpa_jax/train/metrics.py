@@ -29,8 +29,20 @@ def peak_flops(device: Any = None) -> Optional[float]:
     return None
 
 
+PERF_KEYS = ("step_time", "tokens_per_s", "mfu", "compile_s")
+
+
+def tensorboard_tag(key: str) -> str:
+    """The grouped TensorBoard tag of a ``metrics.jsonl`` key: ``val_loss`` -> ``val/loss``,
+    ``tokens_per_s`` -> ``perf/tokens_per_s``, ``loss`` -> ``train/loss``."""
+    if key.startswith("val_"):
+        return "val/" + key[len("val_"):]
+    return ("perf/" if key in PERF_KEYS else "train/") + key
+
+
 class MetricsWriter:
-    """Appends one JSON object per record to ``metrics.jsonl``; scalars also to TensorBoard."""
+    """Appends one JSON object per record to ``metrics.jsonl``; scalars also to TensorBoard, under
+    grouped tags (``tensorboard_tag``: ``train/``, ``val/``, ``perf/``)."""
 
     def __init__(self, run_dir: str, enabled: bool = True):
         self.enabled = enabled
@@ -55,7 +67,7 @@ class MetricsWriter:
         if self.tb is not None:
             for k, v in record.items():
                 if k != "step" and isinstance(v, (int, float)) and v is not None:
-                    self.tb.add_scalar(k, v, record["step"])
+                    self.tb.add_scalar(tensorboard_tag(k), v, record["step"])
 
     def close(self) -> None:
         if self.enabled:

@@ -231,9 +231,8 @@ class TPAttention(nn.Module):
             o_BHE = flashtpa.flashtpa_decode_plain_q(self.query(x_B1M, rope)[:, 0], *kv, **kw)
         else:
             a_q_BPH, b_q_BPD = self._a(x_B1M, "q")[:, 0], self._b(x_B1M, "q", rope)[:, 0]
-            if cfg.decode_impl == "pallas":  # the Pallas interpreter when jax runs on CPU
-                o_BHE = flashtpa_decode_pallas(a_q_BPH, b_q_BPD, *kv, q_rank=cfg.q_rank, **kw,
-                                               interpret=jax.default_backend() == "cpu")
+            if cfg.decode_impl == "pallas":  # Mosaic on TPU, the interpreter on CPU, jnp FlashTPA elsewhere
+                o_BHE = flashtpa_decode_pallas(a_q_BPH, b_q_BPD, *kv, q_rank=cfg.q_rank, **kw)
             else:
                 o_BHE = flashtpa.flashtpa_decode(a_q_BPH, b_q_BPD, *kv, q_rank=cfg.q_rank, **kw)
         return project_out(cfg, o_BHE[:, None].astype(x_B1M.dtype), self.w_o, self.out_norm)

@@ -1,29 +1,46 @@
-"""FlashTPA decoding as a Pallas kernel (paper Algorithm 3, generalised to any R_K, R_V).
+"""FlashTPA decoding as a Pallas TPU kernel (paper Algorithm 3, generalised to any R_K, R_V).
 
 Same signature and semantics as :func:`tpa_jax.model.attention.flashtpa.flashtpa_decode`.
 
-Grid: ``(B, H // head_block)``; one program owns one sequence and a block of heads, holds its
-query factors, and walks that sequence's cache in blocks of ``block_size`` rows (only the blocks
-below its length) with a float32 online softmax.  Per cache block of S rows, following Alg. 3 with
-the rank-1 vector products replaced by small GEMMs over the ranks (as App. B.1 says):
+Grid ``(B, ceil(S / block))``: the batch axis is "parallel", the cache-block axis "arbitrary"; one
+program sees one block of ``block`` cache rows of one sequence (never the whole cache) and carries
+the float32 online-softmax state (running max m, running sum l, accumulator) in VMEM scratch
+across the block axis.  The per-row lengths are scalar-prefetched into SMEM
+(``PrefetchScalarGridSpec``): blocks at or past a row's length are skipped (``pl.when``), and the
+cache index maps clamp the block index to the row's last filled block, so a skipped step asks for
+the block already in VMEM and no DMA is issued.
 
-    for each key rank r:   S1 = b_K[:, r, :] B_Q^T        [S, P]    (head-shared feature dots)
-                           S2 = S1 A_Q                    [S, H]
-                           L += S2 (.) a_K[:, r, :]       [S, H]   (A_Q carries scale/(R_Q R_K))
-    online softmax on L (masked rows -> -inf)
-    for each value rank u: acc += (p (.) a_V[:, u, :])^T b_V[:, u, :]   [H, E]
+TPU layout.  Every block's last two dims are multiples of (8, 128) or the full array dims: the
+cache factors are viewed (a free reshape) as ``a_k [B, S, R*H]``, ``b_k [B, S, R*D]``,
+``a_v [B, S, U*H]``, ``b_v [B, S, U*E]``, blocked only over S (``block`` a multiple of 8, or S),
+with the whole (rank x head) or (rank x feature) row in lanes; heads are never tiled, so any head
+count (34, 47, 61, 78 in the paper) and any rank works without padding.  Everything in the kernel
+is a 2-D matmul, an elementwise op or a reduction over rows -- no strided or unaligned slices.
+Per cache block of S rows (row s, rank r or u, head h; (r, h) is lane r*H + h):
+
+    S1 = b_K W1            [S, R P]   W1 = I_R (x) B_Q^T        (S1[s, (r, p)] = <b_K[s, r], B_Q[p]>)
+    S2 = S1 W2             [S, R H]   W2 = I_R (x) c A_Q,  c = scale / (R_Q R_K)
+    L  = (S2 (.) a_K) F_K  [S, H]     F_K[(r, h), h'] = [h = h']: the sum over key ranks
+    online softmax on L (rows at or past the length -> -inf)
+    Y  = b_V^T ((p F_V^T) (.) a_V)    [U E, U H]   p repeated per value rank, times a_V
+    acc += G_E (Y (.) Diag) F_V       [E, H]       the (u, u) diagonal blocks of Y, summed over u
     o = acc / (R_V l)
 
-(here S is one block of cache rows and H the program's block of heads.)
+(F_V [U H, H] and G_E [E, U E] are 0/1 rank folds like F_K; Diag keeps the (u, u) blocks.)
 
-The mask is the model's one rule (``core.attention_mask``) computed inline: the query sits at
-position ``lengths[b] - 1``, so a key row s is visible iff ``s < lengths[b]``.  The last block's
-start is clamped to ``S - block`` and rows it shares with the previous block are masked, so S
-need not be a multiple of the block size.  Rows at or past ``lengths[b]`` are masked in the logits
-and zeroed in the value factors (they may hold anything).
+W1 and W2 are the block-diagonal (Kronecker) forms of Alg. 3's per-rank GEMMs S1 = b_K B_Q^T,
+S2 = S1 A_Q, built once per step outside the kernel (they are [R D, R P] and [R P, R H]).  The
+accumulator is kept as [E, H] so that the [1, H] softmax statistics broadcast over its rows; the
+wrapper returns o [B, H, E].  Cache rows at or past ``lengths[b]`` (or past S in a partial last
+block) may hold anything, NaN included: their logits are masked and their value factors zeroed.
 
-This is written for clarity and for interpret mode; compiled TPU/GPU runs would additionally need
-tile-aligned block shapes (multiples of 8/128) and the lengths in SMEM via scalar prefetch.
+Where it runs (``interpret``): ``None`` (the default, what the model uses) picks by the platform
+the call is lowered for -- the compiled Mosaic kernel on TPU, the Pallas interpreter on CPU, and
+on any other platform (GPU) the jnp FlashTPA of ``flashtpa.flashtpa_decode`` (same numbers; no
+Triton form of this kernel is written).  ``False`` forces the compiled kernel (for ``jax.export``
+with ``platforms=("tpu",)`` from a CPU host), ``True`` or a ``pltpu.InterpretParams`` forces an
+interpreter.  Export for one platform at a time: a multi-platform export (e.g. ``("cpu", "tpu")``)
+would ask Pallas to lower the compiled kernel for CPU too, which it refuses.
 """
 from __future__ import annotations
 
@@ -34,94 +51,175 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
 
-__all__ = ["flashtpa_decode_pallas"]
+from .. import flashtpa
+
+__all__ = ["flashtpa_decode_pallas", "kv_block_index"]
 
 _F32 = jnp.float32
+_HI = lax.Precision.HIGHEST
+_SUBLANES = 8  # TPU tile: (8, 128); a cache block's row count must be a multiple of 8 (or all of S)
 Ref = Any  # a Pallas memory reference: indexed like an array, written with ``ref[...] = value``
 
 
-def _kernel(length_ref: Ref, a_q_ref: Ref, b_q_ref: Ref, a_k_ref: Ref, b_k_ref: Ref, a_v_ref: Ref, b_v_ref: Ref,
-            o_ref: Ref, *, block: int, k_rank: int, v_rank: int, coef: float) -> None:
-    """One program: refs a_q [P, H], b_q [P, D], a_k [S, R, H], b_k [S, R, D], a_v [S, U, H],
-    b_v [S, U, E] of one sequence (S: the whole cache; H: this program's heads); writes o [H, E]."""
-    s_len = a_k_ref.shape[0]
-    length = length_ref[0]
-    a_q_PH = a_q_ref[...].astype(_F32) * coef
-    b_q_PD = b_q_ref[...].astype(_F32)
-    hb, e = o_ref.shape
-    offsets_S1 = lax.broadcasted_iota(jnp.int32, (block, 1), 0)
-
-    def body(i: jax.Array, carry: tuple[jax.Array, jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array, jax.Array]:
-        m_1H, l_1H, acc_HE = carry
-        nominal = i * block
-        start = jnp.minimum(nominal, s_len - block)
-        key_positions_S1 = start + offsets_S1
-        valid_S1 = (key_positions_S1 >= nominal) & (key_positions_S1 < length)
-        rows = pl.ds(start, block)
-
-        logits_SH = jnp.zeros((block, hb), _F32)
-        for r in range(k_rank):
-            s1_SP = jnp.dot(b_k_ref[rows, r, :].astype(_F32), b_q_PD.T, preferred_element_type=_F32)
-            s2_SH = jnp.dot(s1_SP, a_q_PH, preferred_element_type=_F32)
-            logits_SH = logits_SH + s2_SH * a_k_ref[rows, r, :].astype(_F32)
-        logits_SH = jnp.where(valid_S1, logits_SH, -jnp.inf)
-
-        m_new = jnp.maximum(m_1H, logits_SH.max(axis=0, keepdims=True))
-        m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
-        p_SH = jnp.exp(logits_SH - m_safe)  # masked rows -> 0
-        alpha_1H = jnp.exp(m_1H - m_safe)
-        l_1H = alpha_1H * l_1H + p_SH.sum(axis=0, keepdims=True)
-        acc_HE = acc_HE * alpha_1H.T
-        for u in range(v_rank):
-            a_v_SH = jnp.where(valid_S1, a_v_ref[rows, u, :].astype(_F32), 0.0)
-            b_v_SE = jnp.where(valid_S1, b_v_ref[rows, u, :].astype(_F32), 0.0)
-            acc_HE = acc_HE + jnp.dot((p_SH * a_v_SH).T, b_v_SE, preferred_element_type=_F32)
-        return m_new, l_1H, acc_HE
-
-    init = (jnp.full((1, hb), -jnp.inf, _F32), jnp.zeros((1, hb), _F32), jnp.zeros((hb, e), _F32))
-    n_blocks = (jnp.clip(length, 0, s_len) + block - 1) // block
-    _, l_1H, acc_HE = lax.fori_loop(0, n_blocks, body, init)
-    l_H1 = l_1H.T
-    o_HE = jnp.where(l_H1 > 0, acc_HE / jnp.where(l_H1 > 0, l_H1, 1.0), 0.0) / v_rank
-    o_ref[...] = o_HE.astype(o_ref.dtype)
+def kv_block_index(i: jax.Array, length: jax.Array, block: int) -> jax.Array:
+    """The cache block that grid step ``i`` reads for a row of ``length`` filled rows: ``i``, clamped
+    to the row's last filled block (block 0 when the row is empty), so skipped steps issue no DMA.
+    Integer arithmetic only (``lax.div`` on non-negative values: no sign op in the index map)."""
+    last = jnp.maximum(lax.div(length + (block - 1), block) - 1, 0)
+    return jnp.minimum(i, last)
 
 
-@functools.partial(jax.jit, static_argnames=("q_rank", "k_rank", "v_rank", "scale", "block_size",
-                                             "head_block", "interpret"))
+def _dot(x: jax.Array, y: jax.Array, contract: tuple[int, int] = (1, 0)) -> jax.Array:
+    """Float32 2-D matmul contracting ``x``'s dim ``contract[0]`` with ``y``'s ``contract[1]``."""
+    dims = (((contract[0],), (contract[1],)), ((), ()))
+    return lax.dot_general(x, y, dims, precision=(_HI, _HI), preferred_element_type=_F32)
+
+
+def _fold(rank: int, n: int, *, ranked_rows: bool) -> jax.Array:
+    """0/1 matrix [rank*n, n] (``ranked_rows``) or [n, rank*n] with a 1 where the ranked index
+    (r, i) -> r*n + i and the plain index j have i == j: summing over ranks, or repeating per rank."""
+    shape = (rank * n, n) if ranked_rows else (n, rank * n)
+    big = lax.broadcasted_iota(jnp.int32, shape, 0 if ranked_rows else 1)
+    small = lax.broadcasted_iota(jnp.int32, shape, 1 if ranked_rows else 0)
+    hit = functools.reduce(jnp.logical_or, [big == small + r * n for r in range(rank)])
+    return jnp.where(hit, 1.0, 0.0).astype(_F32)
+
+
+def _diagonal_blocks(rank: int, rows: int, cols: int) -> jax.Array:
+    """Boolean [rank*rows, rank*cols]: True on the (r, r) blocks of a rank x rank block matrix."""
+    shape = (rank * rows, rank * cols)
+    i, j = lax.broadcasted_iota(jnp.int32, shape, 0), lax.broadcasted_iota(jnp.int32, shape, 1)
+    in_block = lambda x, r, n: (x >= r * n) & (x < (r + 1) * n)  # noqa: E731
+    return functools.reduce(jnp.logical_or, [in_block(i, r, rows) & in_block(j, r, cols) for r in range(rank)])
+
+
+def _kernel(lengths_ref: Ref, w1_ref: Ref, w2_ref: Ref, a_k_ref: Ref, b_k_ref: Ref, a_v_ref: Ref, b_v_ref: Ref,
+            o_ref: Ref, m_ref: Ref, l_ref: Ref, acc_ref: Ref, *, block: int, heads: int, k_rank: int,
+            v_rank: int) -> None:
+    """Grid step (b, i).  Refs: lengths (SMEM, [B]); w1 [R D, R P], w2 [R P, R H]; one cache block
+    a_k [S, R H], b_k [S, R D], a_v [S, U H], b_v [S, U E]; out o [E, H]; scratch m, l [1, H], acc [E, H]."""
+    b, i = pl.program_id(0), pl.program_id(1)
+    length = lengths_ref[b]
+    e = acc_ref.shape[0]
+
+    @pl.when(i == 0)
+    def _init() -> None:
+        m_ref[...] = jnp.full(m_ref.shape, -jnp.inf, _F32)
+        l_ref[...] = jnp.zeros(l_ref.shape, _F32)
+        acc_ref[...] = jnp.zeros(acc_ref.shape, _F32)
+
+    @pl.when(i * block < length)  # the block holds at least one filled row
+    def _step() -> None:
+        filled = lambda width: i * block + lax.broadcasted_iota(jnp.int32, (block, width), 0) < length  # noqa: E731
+        # logits (Alg. 3 steps S1, S2, S3 for all key ranks at once)
+        s1 = _dot(b_k_ref[...].astype(_F32), w1_ref[...].astype(_F32))  # [S, R P]
+        s2 = _dot(s1, w2_ref[...].astype(_F32))  # [S, R H]
+        mixed = s2 * a_k_ref[...].astype(_F32)
+        logits_SH = mixed if k_rank == 1 else _dot(mixed, _fold(k_rank, heads, ranked_rows=True))
+        logits_SH = jnp.where(filled(heads), logits_SH, -jnp.inf)
+
+        # online softmax; the block's first row is filled, so m_new is finite
+        m_prev = m_ref[...]
+        m_new = jnp.maximum(m_prev, logits_SH.max(axis=0, keepdims=True))
+        p_SH = jnp.exp(logits_SH - m_new)  # unfilled rows -> 0
+        alpha = jnp.exp(m_prev - m_new)
+        l_ref[...] = alpha * l_ref[...] + p_SH.sum(axis=0, keepdims=True)
+        m_ref[...] = m_new
+
+        # value aggregation from the factors: (p (.) a_V)^T b_V per value rank, summed over ranks
+        a_v = jnp.where(filled(v_rank * heads), a_v_ref[...].astype(_F32), 0.0)  # [S, U H]
+        b_v = jnp.where(filled(v_rank * e), b_v_ref[...].astype(_F32), 0.0)  # [S, U E]
+        p_rep = p_SH if v_rank == 1 else _dot(p_SH, _fold(v_rank, heads, ranked_rows=False))
+        y = _dot(b_v, p_rep * a_v, contract=(0, 0))  # [U E, U H]
+        if v_rank > 1:
+            y = jnp.where(_diagonal_blocks(v_rank, e, heads), y, 0.0)
+            y = _dot(_dot(_fold(v_rank, e, ranked_rows=False), y), _fold(v_rank, heads, ranked_rows=True))
+        acc_ref[...] = alpha * acc_ref[...] + y  # [E, H]
+
+    @pl.when(i == pl.num_programs(1) - 1)
+    def _finish() -> None:
+        l = l_ref[...]
+        o = jnp.where(l > 0, acc_ref[...] / jnp.where(l > 0, l, 1.0), 0.0) / v_rank
+        o_ref[...] = o.astype(o_ref.dtype)
+
+
+def _block_rows(block_size: int, s_len: int) -> int:
+    """Cache rows per grid step: all of S when ``block_size >= S``, else ``block_size`` (a multiple of 8)."""
+    if block_size < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_size}")
+    if block_size >= s_len:
+        return s_len
+    if block_size % _SUBLANES:
+        raise ValueError(f"block_size={block_size} must be a multiple of {_SUBLANES} (TPU tiling) when it is "
+                         f"below the cache length {s_len}")
+    return block_size
+
+
+def _pallas_decode(a_q_BPH: jax.Array, b_q_BPD: jax.Array, a_k_BSRH: jax.Array, b_k_BSRD: jax.Array,
+                   a_v_BSUH: jax.Array, b_v_BSUE: jax.Array, lengths_B: jax.Array, *, coef: float, block: int,
+                   interpret: Any) -> jax.Array:
+    """The pallas_call: o [B, H, E] (``interpret``: False for Mosaic, else an interpreter)."""
+    batch, p, h = a_q_BPH.shape
+    d = b_q_BPD.shape[-1]
+    s_len, r = a_k_BSRH.shape[1:3]
+    u, e = a_v_BSUH.shape[2], b_v_BSUE.shape[-1]
+    # block-diagonal query factors: [B, R D, R P] and [B, R P, R H] (rank-major like the lanes below)
+    w1 = jax.vmap(lambda b_q_PD: jnp.kron(jnp.eye(r, dtype=b_q_PD.dtype), b_q_PD.T))(b_q_BPD)
+    w2 = jax.vmap(lambda a_q_PH: jnp.kron(jnp.eye(r, dtype=_F32), a_q_PH.astype(_F32) * coef))(a_q_BPH)
+    # free views of the cache with (rank, head|feature) in lanes: [B, S, R H], [B, S, R D], [B, S, U H], [B, S, U E]
+    lanes = lambda x: x.reshape(batch, s_len, -1)  # noqa: E731
+    cache = [lanes(a_k_BSRH), lanes(b_k_BSRD), lanes(a_v_BSUH), lanes(b_v_BSUE)]
+    sq = pl.squeezed
+    per_row = lambda shape: pl.BlockSpec((sq, *shape), lambda b_, i_, lens: (b_, 0, 0))  # noqa: E731
+    cache_block = lambda width: pl.BlockSpec(  # noqa: E731
+        (sq, block, width), lambda b_, i_, lens: (b_, kv_block_index(i_, lens[b_], block), 0))
+    grid_spec = pltpu.PrefetchScalarGridSpec(
+        num_scalar_prefetch=1,
+        grid=(batch, pl.cdiv(s_len, block)),
+        in_specs=[per_row((r * d, r * p)), per_row((r * p, r * h)),
+                  *(cache_block(c.shape[-1]) for c in cache)],
+        out_specs=per_row((e, h)),
+        scratch_shapes=[pltpu.VMEM((1, h), _F32), pltpu.VMEM((1, h), _F32), pltpu.VMEM((e, h), _F32)],
+    )
+    kernel = functools.partial(_kernel, block=block, heads=h, k_rank=r, v_rank=u)
+    o_BEH = pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((batch, e, h), jnp.result_type(a_v_BSUH, b_v_BSUE)),
+        grid_spec=grid_spec,
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
+        interpret=interpret,
+        name="flashtpa_decode",
+    )(lengths_B, w1, w2, *cache)
+    return o_BEH.swapaxes(1, 2)
+
+
+@functools.partial(jax.jit, static_argnames=("q_rank", "k_rank", "v_rank", "scale", "block_size", "interpret"))
 def flashtpa_decode_pallas(a_q_BPH: jax.Array, b_q_BPD: jax.Array, a_k_BSRH: jax.Array, b_k_BSRD: jax.Array,
                            a_v_BSUH: jax.Array, b_v_BSUE: jax.Array, lengths_B: jax.Array, *, q_rank: int,
                            k_rank: int, v_rank: int, scale: float, block_size: int = 256,
-                           head_block: Optional[int] = None, interpret: bool = False) -> jax.Array:
-    """Pallas FlashTPA decode -> o [B, H, E].  ``head_block`` (default H) must divide H.
-    ``interpret=True`` runs the kernel with the Pallas interpreter (CPU)."""
+                           interpret: Optional[Any] = None) -> jax.Array:
+    """Pallas FlashTPA decode -> o [B, H, E] (see the module docstring).
+
+    ``block_size``: cache rows per grid step (a multiple of 8, or >= S for one block).
+    ``interpret``: None picks by lowering platform (TPU kernel / CPU interpreter / jnp FlashTPA
+    elsewhere); False forces the compiled kernel; True or ``pltpu.InterpretParams`` an interpreter.
+    """
     batch, p, h = a_q_BPH.shape
-    d = b_q_BPD.shape[-1]
     s_len, r = a_k_BSRH.shape[1], a_k_BSRH.shape[2]
-    u, e = a_v_BSUH.shape[2], b_v_BSUE.shape[-1]
+    u = a_v_BSUH.shape[2]
     if p != q_rank or r != k_rank or u != v_rank:
         raise ValueError(f"factor ranks {(p, r, u)} do not match q_rank/k_rank/v_rank {(q_rank, k_rank, v_rank)}")
-    hb = h if head_block is None else head_block
-    if h % hb:
-        raise ValueError(f"head_block={hb} must divide the number of heads {h}")
-    block = max(1, min(block_size, s_len))
-    lengths_B = jnp.asarray(lengths_B, jnp.int32).reshape(batch)
-    sq = pl.squeezed
-    kernel = functools.partial(_kernel, block=block, k_rank=k_rank, v_rank=v_rank, coef=scale / (q_rank * k_rank))
-    return pl.pallas_call(
-        kernel,
-        out_shape=jax.ShapeDtypeStruct((batch, h, e), jnp.result_type(a_v_BSUH, b_v_BSUE)),
-        grid=(batch, h // hb),
-        in_specs=[
-            pl.BlockSpec((1,), lambda b, j: (b,)),  # lengths
-            pl.BlockSpec((sq, p, hb), lambda b, j: (b, 0, j)),  # a_q
-            pl.BlockSpec((sq, p, d), lambda b, j: (b, 0, 0)),  # b_q
-            pl.BlockSpec((sq, s_len, r, hb), lambda b, j: (b, 0, 0, j)),  # a_k
-            pl.BlockSpec((sq, s_len, r, d), lambda b, j: (b, 0, 0, 0)),  # b_k
-            pl.BlockSpec((sq, s_len, u, hb), lambda b, j: (b, 0, 0, j)),  # a_v
-            pl.BlockSpec((sq, s_len, u, e), lambda b, j: (b, 0, 0, 0)),  # b_v
-        ],
-        out_specs=pl.BlockSpec((sq, hb, e), lambda b, j: (b, j, 0)),
-        interpret=interpret,
-        name="flashtpa_decode",
-    )(lengths_B, a_q_BPH, b_q_BPD, a_k_BSRH, b_k_BSRD, a_v_BSUH, b_v_BSUE)
+    if a_k_BSRH.shape[-1] != h or a_v_BSUH.shape[-1] != h:
+        raise ValueError(f"head counts differ: a_q {h}, a_k {a_k_BSRH.shape[-1]}, a_v {a_v_BSUH.shape[-1]}")
+    block = _block_rows(block_size, s_len)
+    lengths_B = jnp.clip(jnp.asarray(lengths_B, jnp.int32).reshape(batch), 0, s_len)
+    args = (a_q_BPH, b_q_BPD, a_k_BSRH, b_k_BSRD, a_v_BSUH, b_v_BSUE, lengths_B)
+    call = functools.partial(_pallas_decode, coef=scale / (q_rank * k_rank), block=block)
+    if interpret is not None:
+        return call(*args, interpret=interpret)
+    fallback = functools.partial(flashtpa.flashtpa_decode, q_rank=q_rank, k_rank=k_rank, v_rank=v_rank, scale=scale,
+                                 block_size=block_size)
+    return lax.platform_dependent(*args, cpu=functools.partial(call, interpret=True),
+                                  tpu=functools.partial(call, interpret=False), default=fallback)
