@@ -17,7 +17,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 HEAD_FACTOR_ACTIVATIONS = ("none", "sigmoid", "softmax")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 FACTOR_INITS = ("official", "xavier")
-DECODE_IMPLS = ("flash", "pallas", "materialize")
+DECODE_IMPLS, ATTENTION_IMPLS = ("flash", "pallas", "materialize"), ("auto", "xla", "blocked", "cudnn", "splash")
 FLOAT32_EPS = 1.1920928955078125e-07  # torch.finfo(torch.float32).eps, the official norm epsilon
 
 
@@ -95,6 +95,11 @@ class ModelConfig:
     # only: Mosaic on TPU, the interpreter on CPU, "flash" elsewhere), "materialize" (rebuild K and V).
     decode_impl: str = "flash"
     decode_block_size: int = 512  # cache rows per online-softmax block
+    # --- T > 1 queries (training, forward, cached prefill): "xla" (einsum, dense mask: the reference),
+    # "blocked" (jnp online softmax over key blocks, O(T * block) memory), "cudnn" (GPU), "splash" (Pallas
+    # TPU kernel; interpreted on CPU), "auto" (cudnn / splash / blocked from T = 2048 / xla: see dispatch.py)
+    attention_impl: str = "auto"
+    attention_block_size: int = 512  # query and key block of "blocked" (splash: rounded to 128s)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -104,24 +109,21 @@ class ModelConfig:
         if self.attention not in ATTENTIONS:
             raise _err("attention", f"one of {ATTENTIONS}", self.attention)
         _positive_int("vocab_size", self.vocab_size, 2)
-        for name in ("n_layer", "d_model", "n_head", "head_dim", "max_seq_len"):
+        for name in ("n_layer", "d_model", "n_head", "head_dim", "max_seq_len", "decode_block_size",
+                     "attention_block_size"):
             _positive_int(name, getattr(self, name))
-        for name in ("compute_dtype", "param_dtype"):
-            if getattr(self, name) not in DTYPES:
-                raise _err(name, f"one of {DTYPES}", getattr(self, name))
+        for name, allowed in (("compute_dtype", DTYPES), ("param_dtype", DTYPES), ("remat_policy", REMAT_POLICIES),
+                              ("decode_impl", DECODE_IMPLS), ("attention_impl", ATTENTION_IMPLS)):
+            if getattr(self, name) not in allowed:
+                raise _err(name, f"one of {allowed}", getattr(self, name))
         for name in ("norm_eps", "mla_norm_eps", "attn_out_norm_eps", "rope_theta"):
             if not (_num(getattr(self, name)) and getattr(self, name) > 0):
                 raise _err(name, "a finite number > 0", getattr(self, name))
-        if self.remat_policy not in REMAT_POLICIES:
-            raise _err("remat_policy", f"one of {REMAT_POLICIES}", self.remat_policy)
         if self.mlp_hidden is not None:
             _positive_int("mlp_hidden", self.mlp_hidden)
-        if self.decode_impl not in DECODE_IMPLS:
-            raise _err("decode_impl", f"one of {DECODE_IMPLS}", self.decode_impl)
         if self.decode_impl == "pallas" and self.attention != "tpa":
             raise _err("decode_impl", f"'flash' or 'materialize' for attention={self.attention!r} "
                        "(the Pallas kernel covers attention='tpa' only)", self.decode_impl)
-        _positive_int("decode_block_size", self.decode_block_size)
         if self.decode_impl == "pallas" and self.decode_block_size % 8:
             raise _err("decode_block_size", "a multiple of 8 with decode_impl='pallas' (TPU tiling)",
                        self.decode_block_size)

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from tpa_jax.model.attention import attention_mask
+from tpa_jax.model.attention import AttentionMask
 from tpa_jax.model.rope import rope_tables
 
 
@@ -59,9 +59,8 @@ def init_layer(module_cls, cfg, randomize=True, seed=0):
     """One attention layer's parameters as float64 NumPy, initialised eagerly (no model compile);
     with ``randomize`` the zero-initialised W_O gets random values so the tests can see it."""
     index = jnp.arange(2)
-    mask = attention_mask(index[None], jnp.array([2]), index)
     boxed = module_cls(cfg).init(jax.random.key(seed), jnp.zeros((1, 2, cfg.d_model)),
-                                 rope_tables(index[None], cfg.rope_dim), mask)["params"]
+                                 rope_tables(index[None], cfg.rope_dim), AttentionMask())["params"]
     p = jax.tree.map(lambda a: np.asarray(a, np.float64), nn.meta.unbox(boxed))
     if randomize:
         p["w_o"] = 0.3 * np.random.default_rng(seed + 7).standard_normal(p["w_o"].shape)
@@ -77,8 +76,7 @@ def run_layer(module_cls, cfg, p, x_TM):
     t = x_TM.shape[0]
     index = jnp.arange(t)
     out, _ = jax.jit(module_cls(cfg).apply)({"params": as_f32(p)}, jnp.asarray(x_TM, jnp.float32)[None],
-                                            rope_tables(index[None], cfg.rope_dim),
-                                            attention_mask(index[None], jnp.array([t]), index))
+                                            rope_tables(index[None], cfg.rope_dim), AttentionMask())
     return np.asarray(out[0])
 
 

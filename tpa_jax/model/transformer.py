@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from .. import parallel
 from ..parallel import constrain
 from ..config import ModelConfig
-from .attention import attention_class, attention_mask
+from .attention import AttentionMask, attention_class
 from .layers import Embedding, RMSNorm, SwiGLU
 from .rope import Rope, rope_tables
 
@@ -43,13 +43,13 @@ class Block(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BTM: jax.Array, rope: Rope, key_rope: Optional[Rope], mask_BTS: jax.Array,
+    def __call__(self, x_BTM: jax.Array, rope: Rope, key_rope: Optional[Rope], mask: AttentionMask,
                  start_B: Optional[jax.Array], cache: Optional[dict[str, jax.Array]],
                  ) -> tuple[jax.Array, Optional[dict[str, jax.Array]]]:
         cfg = self.cfg
         x_BTM = constrain(x_BTM, ACTIVATION_AXES)  # the residual stream's layout at every block boundary
         h_BTM = RMSNorm(cfg, cfg.d_model, cfg.norm_eps, cfg.norm_weight, name="attn_norm")(x_BTM)
-        a_BTM, cache = attention_class(cfg)(cfg, name="attn")(h_BTM, rope, mask_BTS, cache=cache, key_rope=key_rope,
+        a_BTM, cache = attention_class(cfg)(cfg, name="attn")(h_BTM, rope, mask, cache=cache, key_rope=key_rope,
                                                               start_B=start_B)
         x_BTM = x_BTM + a_BTM.astype(x_BTM.dtype)
         h_BTM = RMSNorm(cfg, cfg.d_model, cfg.norm_eps, cfg.norm_weight, name="mlp_norm")(x_BTM)
@@ -97,8 +97,7 @@ class Transformer(nn.Module):
         index_T = jnp.arange(t, dtype=jnp.int32)
         if cache is None:
             rope = tables(index_T[None, :] if positions is None else positions)
-            mask_BTS = attention_mask(index_T[None, :], jnp.full((1,), t, jnp.int32), index_T)
-            x_BTM, _ = self.blocks(x_BTM, rope, None, mask_BTS, None, None)
+            x_BTM, _ = self.blocks(x_BTM, rope, None, AttentionMask(), None, None)
             return self.embed.attend(self.final_norm(x_BTM))
         lengths_B = cache["lengths"]
         max_len = jax.tree_util.tree_leaves(cache["layers"])[0].shape[2]
@@ -106,8 +105,8 @@ class Transformer(nn.Module):
             raise ValueError(f"tokens: {t} new tokens exceed the cache capacity max_len={max_len}")
         q_positions_BT = lengths_B[:, None] + index_T[None, :]
         key_positions_S = jnp.arange(max_len, dtype=jnp.int32)
-        mask_BTS = attention_mask(q_positions_BT, lengths_B + t, key_positions_S)
-        x_BTM, layers = self.blocks(x_BTM, tables(q_positions_BT), tables(key_positions_S[None, :]), mask_BTS,
+        mask = AttentionMask(q_positions_BT, lengths_B + t)  # keys: the cache rows 0..max_len-1
+        x_BTM, layers = self.blocks(x_BTM, tables(q_positions_BT), tables(key_positions_S[None, :]), mask,
                                     lengths_B, cache["layers"])
         new_lengths_B = lengths_B + (t if valid_lengths is None else jnp.asarray(valid_lengths, jnp.int32))
         return self.embed.attend(self.final_norm(x_BTM)), {"lengths": new_lengths_B, "layers": layers}

@@ -3,8 +3,9 @@
 Every family (``TPAttention``, ``StandardAttention``, ``MLAttention``) is a Flax module built from
 the whole ``ModelConfig`` with
 
-* ``__call__(x_BTM, rope, mask_BTS, cache=None, key_rope=None, start_B=None) -> (out_BTM, cache)``:
-  full attention, or a cached prefill / decode step;
+* ``__call__(x_BTM, rope, mask, cache=None, key_rope=None, start_B=None) -> (out_BTM, cache)``:
+  full attention, or a cached prefill / decode step; ``mask`` is a compact ``AttentionMask`` and
+  ``cfg.attention_impl`` picks how T > 1 queries attend (:mod:`.dispatch`);
 * ``kv_items(x_BTM, rope)``: what its decode cache stores for T new tokens, ``{leaf: [B, T, ...]}``;
 * ``cache_spec(cfg)`` (static): per cached leaf, its shape per token and the logical axes of that
   shape -- the one description of the cache layout (:func:`cache_spec` picks the family).
@@ -33,7 +34,8 @@ Logical axis names (``tpa_jax.parallel.LOGICAL_AXIS_RULES``) are separate words:
 from __future__ import annotations
 
 from ...config import ModelConfig
-from .core import CacheLeaf, attend, attention_mask
+from .core import AttentionMask, CacheLeaf, attend, attention_mask
+from .dispatch import attention, resolve_impl
 from .mla import MLAttention
 from .standard import StandardAttention
 from .tpa import TPAttention
@@ -55,5 +57,5 @@ def cache_spec(cfg: ModelConfig) -> dict[str, CacheLeaf]:
     return attention_class(cfg).cache_spec(cfg)
 
 
-__all__ = ["attend", "attention_mask", "attention_class", "cache_spec", "CacheLeaf", "TPAttention",
-           "StandardAttention", "MLAttention"]
+__all__ = ["attend", "attention", "attention_mask", "AttentionMask", "resolve_impl", "attention_class", "cache_spec",
+           "CacheLeaf", "TPAttention", "StandardAttention", "MLAttention"]

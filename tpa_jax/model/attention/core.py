@@ -35,6 +35,37 @@ def attention_mask(q_positions_BT: jax.Array, kv_lengths_B: jax.Array, key_posit
     return causal_BTS & filled_BS(kv_lengths_B, key_positions_S)[:, None, :]
 
 
+class AttentionMask(NamedTuple):
+    """What attention is told about the mask: the arguments of :func:`attention_mask` without the
+    dense [B, T, S] array, keys sitting at positions 0..S-1.  Only ``attention_impl="xla"`` (and
+    one-token decoding) densify it; the blocked and kernel paths evaluate the rule per key block.
+
+    Both fields None (``AttentionMask()``) is the full causal forward: queries at 0..T-1 over the
+    same T keys, all filled -- known at trace time, so kernels can use their plain causal mask.
+    Otherwise ``q_positions_BT`` int32 [B or 1, T] (consecutive within a row in the model: a
+    cached prefill's queries follow the cache) and ``kv_lengths_B`` int32 [B or 1]."""
+
+    q_positions_BT: Optional[jax.Array] = None
+    kv_lengths_B: Optional[jax.Array] = None
+
+    @property
+    def is_causal(self) -> bool:
+        return self.q_positions_BT is None
+
+    def arrays(self, batch: int, t: int, s: int) -> tuple[jax.Array, jax.Array]:
+        """``(q_positions int32 [batch, t], kv_lengths int32 [batch])``, the full forward's filled in."""
+        q_pos = jnp.arange(t, dtype=jnp.int32)[None] if self.is_causal else self.q_positions_BT
+        kv_len = jnp.full((1,), s, jnp.int32) if self.kv_lengths_B is None else self.kv_lengths_B
+        return (jnp.broadcast_to(jnp.asarray(q_pos, jnp.int32), (batch, t)),
+                jnp.broadcast_to(jnp.asarray(kv_len, jnp.int32), (batch,)))
+
+    def dense(self, t: int, s: int) -> jax.Array:
+        """The boolean mask [B or 1, T, S] (:func:`attention_mask`) over keys 0..S-1."""
+        q_pos = jnp.arange(t, dtype=jnp.int32)[None] if self.is_causal else self.q_positions_BT
+        kv_len = jnp.full((1,), s, jnp.int32) if self.kv_lengths_B is None else self.kv_lengths_B
+        return attention_mask(q_pos, kv_len, jnp.arange(s, dtype=jnp.int32))
+
+
 # ----------------------------------------------------------------------------------------- attention
 def attend(q_BTHD: jax.Array, k_BSKD: jax.Array, v_BSKE: jax.Array, *, scale: float,
            mask_BTS: jax.Array) -> jax.Array:

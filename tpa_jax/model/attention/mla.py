@@ -21,7 +21,8 @@ import jax.numpy as jnp
 from ...config import ModelConfig
 from ..layers import RMSNorm, cast, fan_in_init, param
 from ..rope import Rope, apply_rope
-from .core import CacheLeaf, attend, output_params, project_out, write_cache
+from .core import AttentionMask, CacheLeaf, output_params, project_out, write_cache
+from .dispatch import attention_of
 
 
 class MLAttention(nn.Module):
@@ -87,7 +88,7 @@ class MLAttention(nn.Module):
         o_lat_BTHC = jnp.einsum("bhts,bsc->bthc", probs_BHTS.astype(c_kv_BSC.dtype), c_kv_BSC)
         return jnp.einsum("bthc,che->bthe", o_lat_BTHC, self._w("w_uv"))
 
-    def __call__(self, x_BTM: jax.Array, rope: Rope, mask_BTS: jax.Array, cache: Optional[dict[str, jax.Array]] = None,
+    def __call__(self, x_BTM: jax.Array, rope: Rope, mask: AttentionMask, cache: Optional[dict[str, jax.Array]] = None,
                  key_rope: Optional[Rope] = None, start_B: Optional[jax.Array] = None,
                  ) -> tuple[jax.Array, Optional[dict[str, jax.Array]]]:
         """Full attention, or cached: the cache holds only c_KV and the shared RoPE key k_R."""
@@ -97,7 +98,7 @@ class MLAttention(nn.Module):
             items = cache = write_cache(cache, items, start_B)
         q_c_BTHD, q_r_BTHF = self.queries(x_BTM, rope)
         if cache is not None and x_BTM.shape[1] == 1 and cfg.decode_impl != "materialize":
-            o_BTHE = self.absorbed_attention(q_c_BTHD, q_r_BTHF, cache, mask_BTS)
+            o_BTHE = self.absorbed_attention(q_c_BTHD, q_r_BTHF, cache, mask.dense(1, cache["c_kv"].shape[1]))
             return project_out(cfg, o_BTHE, self.w_o, self.out_norm), cache
         k_c_BSHD = jnp.einsum("bsc,chd->bshd", items["c_kv"], self._w("w_uk"))
         v_BSHE = jnp.einsum("bsc,che->bshe", items["c_kv"], self._w("w_uv"))
@@ -105,5 +106,5 @@ class MLAttention(nn.Module):
         # attend's head dim is the query/key dim d_h + d^R_h here
         q_BTHD = jnp.concatenate([q_c_BTHD, q_r_BTHF], axis=-1)
         k_BSHD = jnp.concatenate([k_c_BSHD, k_r_BSHF], axis=-1)
-        o_BTHE = attend(q_BTHD, k_BSHD, v_BSHE, scale=cfg.attn_scale, mask_BTS=mask_BTS)
+        o_BTHE = attention_of(cfg, q_BTHD, k_BSHD, v_BSHE, mask)
         return project_out(cfg, o_BTHE, self.w_o, self.out_norm), cache

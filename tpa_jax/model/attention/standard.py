@@ -11,7 +11,8 @@ import jax.numpy as jnp
 from ...config import ModelConfig
 from ..layers import cast, fan_in_init, param
 from ..rope import Rope, apply_rope
-from .core import CacheLeaf, attend, output_params, project_out, write_cache
+from .core import AttentionMask, CacheLeaf, output_params, project_out, write_cache
+from .dispatch import attention_of
 
 
 class StandardAttention(nn.Module):
@@ -45,7 +46,7 @@ class StandardAttention(nn.Module):
         v_BTKE = jnp.einsum("btm,mke->btke", x_BTM, cast(self.w_v, cfg))
         return {"k": k_BTKD, "v": v_BTKE}
 
-    def __call__(self, x_BTM: jax.Array, rope: Rope, mask_BTS: jax.Array, cache: Optional[dict[str, jax.Array]] = None,
+    def __call__(self, x_BTM: jax.Array, rope: Rope, mask: AttentionMask, cache: Optional[dict[str, jax.Array]] = None,
                  key_rope: Optional[Rope] = None, start_B: Optional[jax.Array] = None,
                  ) -> tuple[jax.Array, Optional[dict[str, jax.Array]]]:
         """Full attention, or cached: the new tokens' K/V are written at rows ``start_B`` and
@@ -54,5 +55,5 @@ class StandardAttention(nn.Module):
         items = self.kv_items(x_BTM, rope)
         if cache is not None:
             items = cache = write_cache(cache, items, start_B)
-        o_BTHE = attend(self.query(x_BTM, rope), items["k"], items["v"], scale=cfg.attn_scale, mask_BTS=mask_BTS)
+        o_BTHE = attention_of(cfg, self.query(x_BTM, rope), items["k"], items["v"], mask)
         return project_out(cfg, o_BTHE, self.w_o, self.out_norm), cache

@@ -32,7 +32,8 @@ from ...config import ModelConfig
 from ..layers import cast, param, uniform_init
 from ..rope import Rope, apply_rope
 from . import flashtpa
-from .core import CacheLeaf, attend, output_params, project_out, write_cache
+from .core import AttentionMask, CacheLeaf, output_params, project_out, write_cache
+from .dispatch import attention_of
 from .kernels import flashtpa_decode_pallas
 
 RANK_LETTER = {"q": "p", "k": "r", "v": "u"}  # P = R_Q, R = R_K, U = R_V
@@ -236,7 +237,7 @@ class TPAttention(nn.Module):
                 o_BHE = flashtpa.flashtpa_decode(a_q_BPH, b_q_BPD, *kv, q_rank=cfg.q_rank, **kw)
         return project_out(cfg, o_BHE[:, None].astype(x_B1M.dtype), self.w_o, self.out_norm)
 
-    def __call__(self, x_BTM: jax.Array, rope: Rope, mask_BTS: jax.Array, cache: Optional[dict[str, jax.Array]] = None,
+    def __call__(self, x_BTM: jax.Array, rope: Rope, mask: AttentionMask, cache: Optional[dict[str, jax.Array]] = None,
                  key_rope: Optional[Rope] = None, start_B: Optional[jax.Array] = None,
                  ) -> tuple[jax.Array, Optional[dict[str, jax.Array]]]:
         """Full attention (cache None) or cached prefill/decode: the new tokens' items are written
@@ -250,9 +251,9 @@ class TPAttention(nn.Module):
             items = cache
         else:
             key_rope = rope
-        s = mask_BTS.shape[-1]
+        s = x_BTM.shape[1] if cache is None else jax.tree_util.tree_leaves(cache)[0].shape[1]
         f = self.kv_factors(items, key_rope, x_BTM.shape[0], s)
         k_BSHD = contract("k", f["a_k"], f["b_k"], cfg.k_rank)
         v_BSHE = contract("v", f["a_v"], f["b_v"], cfg.v_rank)
-        o_BTHE = attend(self.query(x_BTM, rope), k_BSHD, v_BSHE, scale=cfg.attn_scale, mask_BTS=mask_BTS)
+        o_BTHE = attention_of(cfg, self.query(x_BTM, rope), k_BSHD, v_BSHE, mask)
         return project_out(cfg, o_BTHE, self.w_o, self.out_norm), cache
