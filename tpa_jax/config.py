@@ -90,12 +90,13 @@ class ModelConfig:
     scan_layers: bool = True  # False: the same layer stack, fully unrolled
     remat_policy: str = "none"  # "none" | "full" | "dots" | "dots_no_batch"
     # --- cached decoding ---
-    # How one-token decode steps read the cache: "flash" (FlashTPA, Alg. 2, in jnp; MLA scores in
-    # the latent space; MHA/MQA/GQA always read K and V), "pallas" (the Pallas FlashTPA kernel,
-    # attention="tpa" only; run by the Pallas interpreter when jax's default backend is the CPU),
-    # "materialize" (rebuild K and V from the cache: the slow reference).
+    # How cached steps read the cache: "flash" (TPA: FlashTPA in jnp, Alg. 2 to decode, Alg. 1 for a
+    # cached prefill; MLA decode scores in the latent space; MHA/MQA/GQA always read K and V),
+    # "pallas" (TPA decode by the Pallas FlashTPA kernel, prefill by Alg. 1; attention="tpa" only;
+    # interpreted on CPU), "materialize" (rebuild K and V from the cache: the slow reference).
     decode_impl: str = "flash"
-    decode_block_size: int = 512  # cache rows per online-softmax block
+    decode_block_size: int = 512  # cache rows per online-softmax block (decode and FlashTPA prefill)
+    prefill_q_block_size: int = 128  # query rows per tile of a FlashTPA cached prefill (Alg. 1)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -124,6 +125,7 @@ class ModelConfig:
             raise _err("decode_impl", f"'flash' or 'materialize' for attention={self.attention!r} "
                        "(the Pallas kernel covers attention='tpa' only)", self.decode_impl)
         _positive_int("decode_block_size", self.decode_block_size)
+        _positive_int("prefill_q_block_size", self.prefill_q_block_size)
         if self.attention != "mla" and self.head_dim % 2:
             raise _err("head_dim", "an even number (RoPE rotates pairs)", self.head_dim)
 
