@@ -70,3 +70,24 @@ def tokens(cfg, batch=2, seq=12, seed=0):
 def forward(model):
     """jit-compiled logits function of ``model``'s config (eager Flax apply is slow)."""
     return jax.jit(tpa_jax.logits_fn(model.cfg))
+
+
+def largest_intermediate(fn, *args):
+    """Element count of the largest value any equation of ``fn``'s jaxpr produces (sub-jaxprs too)."""
+    best = 0
+
+    def walk(jaxpr):
+        nonlocal best
+        for eqn in jaxpr.eqns:
+            for v in eqn.outvars:
+                if hasattr(v.aval, "shape"):
+                    best = max(best, int(np.prod(v.aval.shape)))
+            for p in eqn.params.values():
+                for sub in (p if isinstance(p, (tuple, list)) else (p,)):
+                    if hasattr(sub, "jaxpr"):
+                        walk(sub.jaxpr if hasattr(sub.jaxpr, "eqns") else sub.jaxpr.jaxpr)
+                    elif hasattr(sub, "eqns"):
+                        walk(sub)
+
+    walk(jax.make_jaxpr(fn)(*args).jaxpr)
+    return best

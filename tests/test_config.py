@@ -48,6 +48,7 @@ BAD = [
     (dict(decode_impl="fast"), "decode_impl"),
     (dict(decode_block_size=0), "decode_block_size"),
     (dict(decode_impl="pallas", decode_block_size=12), "decode_block_size"),
+    (dict(prefill_q_block_size=0), "prefill_q_block_size"),
     (dict(shared_kv_b=True, k_rank=2, v_rank=3), "shared_kv_b"),
     (dict(tpa_order=4), "tpa_order"),
     (dict(tpa_order=3), "tpa_c_dim"),

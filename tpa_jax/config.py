@@ -90,11 +90,12 @@ class ModelConfig:
     scan_layers: bool = True  # False: the same layer stack, fully unrolled
     remat_policy: str = "none"  # "none" | "full" | "dots" | "dots_no_batch"
     # --- cached decoding ---
-    # How one-token decode steps read the cache: "flash" (FlashTPA, Alg. 2, in jnp; MLA scores in
-    # the latent space; MHA/MQA/GQA always read K and V), "pallas" (Pallas FlashTPA, attention="tpa"
-    # only: Mosaic on TPU, the interpreter on CPU, "flash" elsewhere), "materialize" (rebuild K and V).
+    # How cached steps read the cache: "flash" (TPA: FlashTPA, Alg. 2 to decode, Alg. 1 to prefill; MLA decode
+    # in the latent space; MHA/MQA/GQA read K, V), "pallas" (attention="tpa": decode by the Pallas kernel, Mosaic
+    # on TPU, interpreted on CPU, "flash" elsewhere), "materialize" (rebuild K and V: the reference).
     decode_impl: str = "flash"
-    decode_block_size: int = 512  # cache rows per online-softmax block
+    decode_block_size: int = 512  # cache rows per online-softmax block (decode and FlashTPA prefill)
+    prefill_q_block_size: int = 128  # query rows per tile of a FlashTPA cached prefill (Alg. 1)
     # --- T > 1 queries (training, forward, cached prefill): "xla" (einsum, dense mask: the reference),
     # "blocked" (jnp online softmax over key blocks, O(T * block) memory), "cudnn" (GPU), "splash" (Pallas
     # TPU kernel; interpreted on CPU), "auto" (cudnn / splash / blocked from T = 2048 / xla: see dispatch.py)
@@ -110,7 +111,7 @@ class ModelConfig:
             raise _err("attention", f"one of {ATTENTIONS}", self.attention)
         _positive_int("vocab_size", self.vocab_size, 2)
         for name in ("n_layer", "d_model", "n_head", "head_dim", "max_seq_len", "decode_block_size",
-                     "attention_block_size"):
+                     "attention_block_size", "prefill_q_block_size"):
             _positive_int(name, getattr(self, name))
         for name, allowed in (("compute_dtype", DTYPES), ("param_dtype", DTYPES), ("remat_policy", REMAT_POLICIES),
                               ("decode_impl", DECODE_IMPLS), ("attention_impl", ATTENTION_IMPLS)):

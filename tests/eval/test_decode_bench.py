@@ -18,7 +18,8 @@ from tpa_jax.eval.decode_bench import MECHANISMS, format_table, model_config, pl
 from _util import ROOT
 
 TINY = dict(d_models=(64,), head_dim=16, batch_sizes=(2,), min_log2=4, max_log2=5, reps=2, warmup=1,
-            dtype="float32", param_init="fast", gqa_groups=2)
+            dtype="float32", param_init="fast", gqa_groups=2, prefill_lengths=())
+TINY_PREFILL = dict(prefill_lengths=(32,), prefill_chunk=16, prefill_reps=2)
 BANDWIDTH = 1e10
 
 
@@ -54,7 +55,7 @@ def test_structure(result):
     assert cfg["contexts"] == [16, 32] and cfg["mechanisms"] == list(MECHANISMS)
     assert cfg["backend"] == "cpu" and cfg["device_kind"] and cfg["dtype_bytes"] == 4
     assert cfg["tpa_ranks"] == [16, 1, 1] and cfg["decode_impl"] == "flash"
-    assert result["skipped"] == []
+    assert result["skipped"] == [] and result["prefill"]["entries"] == []
     assert len(result["entries"]) == len(MECHANISMS) * 2
     for e in result["entries"]:
         assert e["n_head"] == 4 and e["batch"] == 2 and len(e["times_s"]) == 2
@@ -138,10 +139,36 @@ def test_plot_and_table(result, tmp_path):
     assert len({len(lines[i]) for i in range(header, header + 4)}) == 1  # aligned
 
 
+def test_prefill_alg1_against_materialize(tmp_path, capsys):
+    """prefill_only: no decode point; both impls of TPA's cached prefill timed over 2 chunks of 16
+    tokens; per-token time = median / prompt; the ratio is the quotient; a tiny cap skips both."""
+    res = run_decode_bench(**{**TINY, **TINY_PREFILL}, prefill_only=True)
+    pre = res["prefill"]
+    assert res["entries"] == [] and res["config"]["prefill_only"] and pre["lengths"] == [32] and pre["chunk"] == 16
+    by = {e["prefill_impl"]: e for e in pre["entries"]}
+    assert sorted(by) == ["flash", "materialize"] and pre["skipped"] == []
+    for e in by.values():
+        assert (e["mechanism"], e["prompt"], e["n_chunks"], len(e["times_s"])) == ("tpa", 32, 2, 2)
+        assert e["per_token_s"] == pytest.approx(statistics.median(e["times_s"]) / 32, rel=1e-12)
+        assert e["temp_bytes"] > 0
+    (row,) = pre["ratios"]
+    assert row["time"]["flash/materialize"] == pytest.approx(by["flash"]["per_token_s"] / by["materialize"]["per_token_s"])
+    assert "flash/materialize" in format_table(res)
+    none = run_decode_bench(**{**TINY, **TINY_PREFILL}, prefill_only=True, memory_cap_gb=1e-9)
+    assert none["prefill"]["entries"] == [] and len(none["prefill"]["skipped"]) == 2
+    assert main(["decode-bench", *CLI_TINY, "32", "--prefill-chunk", "16", "--prefill-reps", "1", "--prefill-only",
+                 "--out", str(tmp_path)]) == 0
+    assert "flash/materialize" in capsys.readouterr().out
+    report = json.loads((tmp_path / "decode_bench.json").read_text())
+    assert report["entries"] == [] and len(report["prefill"]["entries"]) == 2
+
+
 @pytest.mark.parametrize("kw", [
     dict(min_log2=6, max_log2=4), dict(mechanisms=("mha", "xyz")), dict(d_models=(100,)),
     dict(batch_sizes=(0,)), dict(reps=0), dict(dtype="int8"), dict(decode_impl="fast"),
     dict(bandwidth=-1.0), dict(gqa_groups=3), dict(param_init="zeros"), dict(memory_cap_gb=0),
+    dict(prefill_lengths=(32,), prefill_chunk=0), dict(prefill_lengths=(30,), prefill_chunk=16),
+    dict(prefill_lengths=(0,)), dict(prefill_only=True), dict(prefill_only=True, mechanisms=("mha",), **TINY_PREFILL),
 ])
 def test_bad_values_raise(kw):
     with pytest.raises(ValueError):
@@ -149,7 +176,7 @@ def test_bad_values_raise(kw):
 
 
 CLI_TINY = ["--d-model", "64", "--head-dim", "16", "--batch", "2", "--min-log2", "4", "--max-log2", "4",
-            "--reps", "2", "--warmup", "1", "--dtype", "float32", "--param-init", "fast", "--quiet"]
+            "--reps", "2", "--warmup", "1", "--dtype", "float32", "--param-init", "fast", "--quiet", "--prefill-lengths"]
 
 
 def test_cli_writes_json_png_and_table(tmp_path, capsys):

@@ -12,7 +12,7 @@ from tpa_jax import parallel
 from tpa_jax.inference import generate, init_cache
 from tpa_jax.inference.generate import sample_logits
 
-from _util import cfg_of, forward, init_params, tokens
+from _util import cfg_of, forward, init_params, largest_intermediate, tokens
 
 
 def greedy_reference(model, params, prompt, n_new, width=16):
@@ -147,27 +147,6 @@ def test_decode_impls_agree(name, impls):
         np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
 
 
-def _largest_intermediate(fn, *args):
-    """Element count of the largest value any equation of ``fn``'s jaxpr produces (sub-jaxprs too)."""
-    best = 0
-
-    def walk(jaxpr):
-        nonlocal best
-        for eqn in jaxpr.eqns:
-            for v in eqn.outvars:
-                if hasattr(v.aval, "shape"):
-                    best = max(best, int(np.prod(v.aval.shape)))
-            for p in eqn.params.values():
-                for sub in (p if isinstance(p, (tuple, list)) else (p,)):
-                    if hasattr(sub, "jaxpr"):
-                        walk(sub.jaxpr if hasattr(sub.jaxpr, "eqns") else sub.jaxpr.jaxpr)
-                    elif hasattr(sub, "eqns"):
-                        walk(sub)
-
-    walk(jax.make_jaxpr(fn)(*args).jaxpr)
-    return best
-
-
 @pytest.mark.parametrize("name", ["tpa", "mla"])
 def test_flash_decode_never_builds_per_head_keys(name):
     """With a long cache, the one-token decode step forms nothing of size B*S*H*D (K or V per head)
@@ -180,7 +159,7 @@ def test_flash_decode_never_builds_per_head_keys(name):
         cache = init_cache(cfg, b, s, dtype="float32")
         tok = jnp.zeros((b, 1), jnp.int32)
         logits_of = tpa_jax.logits_fn(cfg)
-        sizes[impl] = _largest_intermediate(lambda p, t, c: logits_of(p, t, cache=c), params, tok, cache)
+        sizes[impl] = largest_intermediate(lambda p, t, c: logits_of(p, t, cache=c), params, tok, cache)
     per_head_kv = b * s * cfg.n_head * cfg.head_dim
     assert sizes["materialize"] >= per_head_kv
     assert sizes["flash"] < per_head_kv

@@ -229,6 +229,12 @@ def add_decode_bench_arguments(p: argparse.ArgumentParser, out_default: Optional
                    help="skip points whose cache exceeds this many GiB (default 4)")
     p.add_argument("--param-init", default="model", choices=("model", "fast"),
                    help="model: the model's init; fast: pseudo-random weights of the same shapes")
+    p.add_argument("--prefill-lengths", type=_positive_int, nargs="*", default=[4096, 16384], metavar="P",
+                   help="TPA cached-prefill prompt lengths, Alg. 1 vs materialize (default 4096 16384; none: skip)")
+    p.add_argument("--prefill-chunk", type=_positive_int, default=1024,
+                   help="tokens per prefill call (default 1024; must divide every prefill length)")
+    p.add_argument("--prefill-reps", type=_positive_int, default=3, help="timed prompts per prefill point (default 3)")
+    p.add_argument("--prefill-only", action="store_true", help="time only the prefill points (no decode steps)")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     p.add_argument("--out", default=out_default,
                    help="output directory for decode_bench.json and decode_bench.png"
@@ -245,7 +251,9 @@ def run_decode_bench_args(args: argparse.Namespace) -> dict:
         d_models=args.d_model, batch_sizes=args.batch, min_log2=args.min_log2, max_log2=args.max_log2,
         mechanisms=args.mechanism, n_layer=args.n_layer, head_dim=args.head_dim, dtype=args.dtype, reps=args.reps,
         warmup=args.warmup, decode_impl=args.decode_impl, bandwidth=args.bandwidth,
-        memory_cap_gb=args.memory_cap_gb, param_init=args.param_init, progress=not args.quiet)
+        memory_cap_gb=args.memory_cap_gb, param_init=args.param_init, prefill_lengths=args.prefill_lengths,
+        prefill_chunk=args.prefill_chunk, prefill_reps=args.prefill_reps, prefill_only=args.prefill_only,
+        progress=not args.quiet)
 
 
 def write_decode_bench(result: dict, out: str) -> tuple[str, Optional[str]]:
@@ -282,7 +290,7 @@ def _run_decode_bench(args) -> int:
     if png_path:
         print(f"\nwrote {json_path} and {png_path}")
     else:
-        print(f"\nwrote {json_path} (every point skipped: no plot)")
+        print(f"\nwrote {json_path} (no decode point measured: no plot)")
     return 0
 
 

@@ -38,6 +38,11 @@ What one measured point is:
 * Ratios (per d_model, batch, context): ``"tpa/<mech>"`` = TPA's ``per_token_s`` over the other
   mechanism's (below 1: TPA is faster), and the same quotient of ``cache_bytes``.
 
+Prefill (``result["prefill"]``, :mod:`tpa_jax.eval.prefill_bench`): TPA's cached prefill time per
+token of ``prefill_lengths``-token prompts (default 4k and 16k), FlashTPA Alg. 1 against
+``decode_impl="materialize"``, with the ratio ``"flash/materialize"``; ``prefill_only`` skips the
+decode points.
+
 Points whose cache would exceed ``memory_cap_gb`` GiB are not run; they are listed in ``skipped``
 with the reason.  ``decode_impl="pallas"`` (the Pallas FlashTPA kernel) exists only for TPA with a
 factorised query, so it times ``"tpa"`` alone: that is its default, and naming another mechanism
@@ -62,6 +67,7 @@ from .bench_timing import compile_timed, environment, time_interleaved
 from .bench_weights import PARAM_INITS, bench_params, filled_like, nbytes
 from .decode_report import TARGET, format_table, plot  # noqa: F401 (format_table, plot re-exported)
 from .kv_report import GIB
+from .prefill_bench import PREFILL_IMPLS, check_prefill, run_prefill
 
 __all__ = ["MECHANISMS", "PALLAS_MECHANISMS", "run_decode_bench", "model_config", "format_table", "plot"]
 
@@ -227,7 +233,8 @@ def run_decode_bench(*, d_models=(1024, 2048), batch_sizes=(1, 4), min_log2: int
                      decode_impl: str = "flash", bandwidth: Optional[float] = None, memory_cap_gb: float = 4.0,
                      vocab_size: int = 256, mlp_hidden: Optional[int] = 8, tpa_ranks=(16, 1, 1),
                      gqa_groups: int = 4, mla_dims=None, param_init: str = "model",
-                     progress: bool = False) -> dict:
+                     prefill_lengths=(4096, 16384), prefill_chunk: int = 1024, prefill_reps: int = 3,
+                     prefill_only: bool = False, progress: bool = False) -> dict:
     """Time one-token decode steps of each mechanism at contexts ``2**min_log2 .. 2**max_log2``.
 
     Returns ``{"benchmark", "paper", "config", "entries", "skipped", "ratios"}`` (see the module
@@ -258,6 +265,13 @@ def run_decode_bench(*, d_models=(1024, 2048), batch_sizes=(1, 4), min_log2: int
     if bandwidth is not None:
         _check_number("bandwidth", bandwidth)
     _check_number("memory_cap_gb", memory_cap_gb)
+    prefill_lengths = () if prefill_lengths in ((), [], None) else _int_tuple("prefill_lengths", prefill_lengths)
+    _check_int("prefill_chunk", prefill_chunk, 1)
+    _check_int("prefill_reps", prefill_reps, 1)
+    check_prefill(prefill_lengths, prefill_chunk)
+    if prefill_only and (TARGET not in mechanisms or not prefill_lengths):
+        raise ValueError(f"prefill_only: times {TARGET!r}'s prefill; needs it among the mechanisms and at least one "
+                         f"prefill length")
 
     contexts = [2 ** k for k in range(min_log2, max_log2 + 1)]
     itemsize = jnp.dtype(dtype).itemsize
@@ -271,7 +285,7 @@ def run_decode_bench(*, d_models=(1024, 2048), batch_sizes=(1, 4), min_log2: int
             for d in d_models}
 
     entries, skipped, ratios = [], [], []
-    for d in d_models:
+    for d in () if prefill_only else d_models:
         params, param_bytes = {}, {}
         for b in batch_sizes:
             for s in contexts:
@@ -308,6 +322,21 @@ def run_decode_bench(*, d_models=(1024, 2048), batch_sizes=(1, 4), min_log2: int
                 if TARGET in mechanisms:
                     ratios.append(_ratio_row(mechanisms, point, point_bytes, d, b, s))
         del params
+    prefill = dict(lengths=list(prefill_lengths), chunk=prefill_chunk, reps=prefill_reps, batch=1,
+                   impls=list(PREFILL_IMPLS), entries=[], skipped=[], ratios=[])
+    for d in d_models if TARGET in mechanisms and prefill_lengths else ():
+        cfg_of = lambda impl: model_config(  # noqa: E731
+            TARGET, d, head_dim=head_dim, n_layer=n_layer, dtype=dtype, param_dtype=param_dtype,
+            max_seq_len=max(prefill_lengths), decode_impl=impl, vocab_size=vocab_size, mlp_hidden=mlp_hidden,
+            tpa_ranks=tpa_ranks)
+        got = run_prefill(cfg_of, bench_params(cfg_of("flash"), param_init), prompts=prefill_lengths,
+                          chunk=prefill_chunk, reps=prefill_reps, warmup=min(warmup, 1), cap_bytes=cap_bytes)
+        for key, part in zip(("entries", "skipped", "ratios"), got):
+            prefill[key] += part
+        if progress:
+            for e in got[0]:
+                print(f"decode-bench prefill d_model={d} prompt={e['prompt']} {e['prefill_impl']}: "
+                      f"{1e6 * e['per_token_s']:.2f} us/token", file=sys.stderr, flush=True)
 
     mla = default_mla_dims(d_models[0], head_dim) if mla_dims is None else tuple(mla_dims)
     config = dict(d_models=list(d_models), n_heads={str(d): d // head_dim for d in d_models},
@@ -320,6 +349,7 @@ def run_decode_bench(*, d_models=(1024, 2048), batch_sizes=(1, 4), min_log2: int
                   mla_dims=("3*d_model/8, d_model/8, head_dim/2" if mla_dims is None else list(mla_dims)),
                   mla_dims_first_d_model=dict(q_lora_rank=mla[0], kv_lora_rank=mla[1], rope_head_dim=mla[2]),
                   param_init=param_init, timing="median of reps one-token steps, mechanisms interleaved",
+                  prefill_only=prefill_only,
                   **environment())
     return dict(benchmark="decode_per_token", paper="Fig. 5 (Sec. 6.2), Figs. 7-8 (App. B)", config=config,
-                entries=entries, skipped=skipped, ratios=ratios)
+                entries=entries, skipped=skipped, ratios=ratios, prefill=prefill)

@@ -1,7 +1,7 @@
 """Text table and figure of a decode-benchmark result (``tpa_jax.eval.decode_bench``).
 
 * :func:`format_table` -- per (d_model, batch): ms per step of each mechanism at every context,
-  and TPA's time ratios to the others;
+  and TPA's time ratios to the others; then TPA's prefill time per token, Alg. 1 vs materialize;
 * :func:`plot` -- log2(time per token) vs log2(context length), one panel per d_model, in the
   colours of the paper's Figs. 7-8 (Agg canvas, no display).
 """
@@ -35,7 +35,7 @@ def format_table(result: dict) -> str:
     blocks = [f"per-token decode time in ms (one step = one token for each sequence; {cfg['dtype']}, "
               f"decode_impl={cfg['decode_impl']}, {cfg['n_layer']} layer(s), {cfg['device_kind']}); "
               f"ratios < 1: TPA faster"]
-    for d in cfg["d_models"]:
+    for d in () if cfg.get("prefill_only") else cfg["d_models"]:
         for b in cfg["batch_sizes"]:
             rows = [head]
             for s in cfg["contexts"]:
@@ -53,7 +53,31 @@ def format_table(result: dict) -> str:
     if result["skipped"]:
         blocks.append(f"\n{len(result['skipped'])} point(s) skipped: cache above the "
                       f"{cfg['memory_cap_gb']:g} GiB memory cap")
+    if result.get("prefill", {}).get("lengths"):
+        blocks.append(_prefill_table(result["prefill"]))
     return "\n".join(blocks)
+
+
+def _aligned(rows: list) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _prefill_table(prefill: dict) -> str:
+    """TPA's cached prefill: microseconds per prompt token of each impl and their ratio."""
+    timed = {(e["d_model"], e["prompt"], e["prefill_impl"]): e for e in prefill["entries"]}
+    rows = [["d_model", "prompt", "chunk"] + [f"{i} us/tok" for i in prefill["impls"]] + ["flash/materialize"]]
+    for r in prefill["ratios"]:
+        cells = [str(r["d_model"]), f"{r['prompt']:,}", str(r["chunk"])]
+        for impl in prefill["impls"]:
+            e = timed.get((r["d_model"], r["prompt"], impl))
+            cells.append(f"{1e6 * e['per_token_s']:.2f}" if e else "skip")
+        t = r["time"].get("flash/materialize")
+        rows.append(cells + [f"{t:.3f}" if t is not None else "-"])
+    return (f"\nTPA cached prefill, time per prompt token (batch 1, {prefill['chunk']}-token chunks; "
+            f"flash = FlashTPA Alg. 1, materialize = K/V rebuilt; ratio < 1: Alg. 1 faster)\n" + _aligned(rows))
 
 
 def plot(result: dict, png_path: str) -> str:

@@ -6,7 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tpa_jax.model.attention.flashtpa import flashtpa_decode, flashtpa_decode_plain_q, flashtpa_prefill
+from tpa_jax.model.attention.flashtpa import (flashtpa_decode, flashtpa_decode_plain_q, flashtpa_prefill,
+                                              flashtpa_prefill_plain_q)
 
 from model_reference import tpa_attention
 
@@ -90,6 +91,25 @@ def test_prefill_matches_reference(ranks):
                              **kw)
         assert o.shape == (B, t, h, e)
         np.testing.assert_allclose(np.asarray(o), want, rtol=1e-5, atol=1e-5, err_msg=f"{block=} {q_block=}")
+
+
+def test_prefill_plain_query_matches_reference():
+    """TPA-KVonly's chunked prefill: a plain query q [B, T, H, D] is TPA with R_Q = H, A_Q = H I and
+    B_Q[p] = q_p (Section 4); chunk at per-row offsets, garbage past each filled length."""
+    rng = np.random.default_rng(8)
+    _, rk, rv, h, d, e = RANKS["r622"]
+    t, starts = 9, np.array([0, 13, 28])
+    q = _rand(rng, B, t, h, d)
+    cache = _cache(rng, rk, rv, h, d, e)
+    idx, lens = starts[:, None] + np.arange(t), starts + t
+    kw = _kw(h, rk, rv, d)
+    want = tpa_attention(np.broadcast_to(h * np.eye(h), (B, t, h, h)), q, *cache, q_positions=idx, kv_lengths=lens,
+                         **kw)
+    dirty = [jnp.where((jnp.arange(S) < lens[:, None])[:, :, None, None], c, 1e4) for c in cache]
+    o = flashtpa_prefill_plain_q(q, *dirty, q_positions_BT=idx, kv_lengths_B=lens, block_size=8, q_block_size=4,
+                                 k_rank=rk, v_rank=rv, scale=kw["scale"])
+    assert o.shape == (B, t, h, e)
+    np.testing.assert_allclose(np.asarray(o), want, rtol=1e-5, atol=1e-5)
 
 
 def test_chunked_prefill_continues_a_cache():

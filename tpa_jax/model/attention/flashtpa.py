@@ -17,7 +17,8 @@ Two entry points:
   same for TPA-KVonly's plain query).
 * :func:`flashtpa_prefill` -- Algorithm 1 (specialised TPA, causal) for T query tokens, blocked
   over key positions (and over query tiles) with the same online softmax.  It accepts a cache
-  that already holds earlier positions (chunked prefill): pass ``q_positions_BT`` and ``kv_lengths_B``.
+  that already holds earlier positions (chunked prefill): pass ``q_positions_BT`` and ``kv_lengths_B``
+  (:func:`flashtpa_prefill_plain_q`: the same for TPA-KVonly's plain query).
 
 Per block of key positions both algorithms do (paper Alg. 2, steps 1-5):
 
@@ -56,7 +57,7 @@ from jax import lax
 
 from .core import attention_mask, filled_BS
 
-__all__ = ["flashtpa_decode", "flashtpa_decode_plain_q", "flashtpa_prefill"]
+__all__ = ["flashtpa_decode", "flashtpa_decode_plain_q", "flashtpa_prefill", "flashtpa_prefill_plain_q"]
 
 _F32 = jnp.float32
 _STATIC = ("q_rank", "k_rank", "v_rank", "scale")
@@ -199,25 +200,49 @@ def flashtpa_prefill(a_q_BTPH: jax.Array, b_q_BTPD: jax.Array, a_k_BSRH: jax.Arr
     loops only over the key blocks its causal window reaches, so fully masked blocks above the
     diagonal are skipped.
     """
-    batch, t = a_q_BTPH.shape[:2]
-    s_len = a_k_BSRH.shape[1]
+    return _prefill_tiles(a_q_BTPH, b_q_BTPD, (a_k_BSRH, b_k_BSRD, a_v_BSUH, b_v_BSUE), q_positions_BT, kv_lengths_B,
+                          coef=scale / (q_rank * k_rank), v_rank=v_rank, block_size=block_size,
+                          q_block_size=q_block_size)
+
+
+@functools.partial(jax.jit, static_argnames=("k_rank", "v_rank", "scale", "block_size", "q_block_size"))
+def flashtpa_prefill_plain_q(q_BTHD: jax.Array, a_k_BSRH: jax.Array, b_k_BSRD: jax.Array, a_v_BSUH: jax.Array,
+                             b_v_BSUE: jax.Array, *, k_rank: int, v_rank: int, scale: float,
+                             q_positions_BT: Optional[jax.Array] = None, kv_lengths_B: Optional[jax.Array] = None,
+                             block_size: int = 128, q_block_size: int = 128) -> jax.Array:
+    """Algorithm 1 for TPA-KVonly: a plain (RoPE'd) query [B, T, H, D] against factorised K/V.
+
+    Logits are ``sum_r a_k[s, r, h] <q_h, b_k[s, r]> / R_K`` (K never formed); positions, lengths,
+    tiling and the online softmax as in :func:`flashtpa_prefill`.  Returns o [B, T, H, E].
+    """
+    return _prefill_tiles(None, q_BTHD, (a_k_BSRH, b_k_BSRD, a_v_BSUH, b_v_BSUE), q_positions_BT, kv_lengths_B,
+                          coef=scale / k_rank, v_rank=v_rank, block_size=block_size, q_block_size=q_block_size)
+
+
+def _prefill_tiles(a_q_BTPH: Optional[jax.Array], b_q_BTPD: jax.Array, kv: tuple, q_positions_BT: Optional[jax.Array],
+                   kv_lengths_B: Optional[jax.Array], *, coef: float, v_rank: int, block_size: int,
+                   q_block_size: int) -> jax.Array:
+    """The query-tiled loop of both prefill forms (``a_q_BTPH`` None: ``b_q_BTPD`` is a plain query)."""
+    batch, t = b_q_BTPD.shape[:2]
+    s_len = kv[0].shape[1]
     q_pos_BT, kv_len_B = _positions_and_lengths(q_positions_BT, kv_lengths_B, batch, t, s_len)
     block = max(1, min(block_size, s_len))
     tq = max(1, min(q_block_size, t))
     n_tiles = _cdiv(t, tq)
     pad = n_tiles * tq - t
+    pad_t = lambda x: jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2))
     if pad:  # padded queries sit at position -1: they see nothing and are sliced off
-        a_q_BTPH = jnp.pad(a_q_BTPH, ((0, 0), (0, pad), (0, 0), (0, 0)))
-        b_q_BTPD = jnp.pad(b_q_BTPD, ((0, 0), (0, pad), (0, 0), (0, 0)))
+        b_q_BTPD = pad_t(b_q_BTPD)
+        a_q_BTPH = None if a_q_BTPH is None else pad_t(a_q_BTPH)
         q_pos_BT = jnp.pad(q_pos_BT, ((0, 0), (0, pad)), constant_values=-1)
     tiles = lambda x: x.reshape(batch, n_tiles, tq, *x.shape[2:]).swapaxes(0, 1)  # [Q, B, T/Q, ...]
-    coef = scale / (q_rank * k_rank)
 
-    def tile(args: tuple[jax.Array, jax.Array, jax.Array]) -> jax.Array:
-        a_q, b_q, pos = args
-        return _blocked_attention(a_q, b_q, a_k_BSRH, b_k_BSRD, a_v_BSUH, b_v_BSUE, pos, kv_len_B, coef=coef,
-                                  v_rank=v_rank, block=block)
+    def tile(args: tuple) -> jax.Array:
+        b_q, pos = args[:2]
+        a_q = args[2] if len(args) > 2 else None
+        return _blocked_attention(a_q, b_q, *kv, pos, kv_len_B, coef=coef, v_rank=v_rank, block=block)
 
-    o_QBTHE = lax.map(tile, (tiles(a_q_BTPH), tiles(b_q_BTPD), tiles(q_pos_BT)))
+    xs = (tiles(b_q_BTPD), tiles(q_pos_BT)) + (() if a_q_BTPH is None else (tiles(a_q_BTPH),))
+    o_QBTHE = lax.map(tile, xs)
     o_BTHE = o_QBTHE.swapaxes(0, 1).reshape(batch, n_tiles * tq, *o_QBTHE.shape[3:])[:, :t]
-    return o_BTHE.astype(jnp.result_type(a_v_BSUH, b_v_BSUE))
+    return o_BTHE.astype(jnp.result_type(kv[2], kv[3]))

@@ -217,37 +217,55 @@ class TPAttention(nn.Module):
         return apply_rope(jnp.einsum("btm,mhd->bthd", x_BTM, cast(self.w_q, cfg)), *rope)
 
     # ---------------------------------------------------------------- attention
-    def flash_decode(self, x_B1M: jax.Array, rope: Rope, key_rope: Rope, cache: dict[str, jax.Array],
-                     lengths_B: jax.Array) -> jax.Array:
-        """One-token decode straight from the factor cache (FlashTPA, paper Alg. 2): K and V are
-        never formed.  ``lengths_B`` counts the valid cache rows, the new token's included."""
+    def flash_attention(self, x_BTM: jax.Array, rope: Rope, key_rope: Rope, cache: dict[str, jax.Array],
+                        start_B: jax.Array) -> jax.Array:
+        """Cached attention straight from the factor cache (FlashTPA): K and V are never formed.  The
+        T new tokens (already written at rows ``start_B``) sit at positions ``start_B + 0..T-1`` and
+        see the cache rows ``< start_B + T``.  One token: decoding (paper Alg. 2, or its Pallas
+        kernel); several: the causal prefill of Alg. 1 over query tiles and key blocks."""
         cfg = self.cfg
-        x_B1M = cast(x_B1M, cfg)
+        x_BTM = cast(x_BTM, cfg)
+        batch, t = x_BTM.shape[:2]
         s = jax.tree_util.tree_leaves(cache)[0].shape[1]
-        f = self.kv_factors(cache, key_rope, x_B1M.shape[0], s)
-        kv = (f["a_k"], f["b_k"], f["a_v"], f["b_v"], lengths_B)
+        f = self.kv_factors(cache, key_rope, batch, s)
+        kv = (f["a_k"], f["b_k"], f["a_v"], f["b_v"])
         kw = dict(k_rank=cfg.k_rank, v_rank=cfg.v_rank, scale=cfg.attn_scale, block_size=cfg.decode_block_size)
-        if cfg.attention == "tpa_kvonly":
-            o_BHE = flashtpa.flashtpa_decode_plain_q(self.query(x_B1M, rope)[:, 0], *kv, **kw)
-        else:
-            a_q_BPH, b_q_BPD = self._a(x_B1M, "q")[:, 0], self._b(x_B1M, "q", rope)[:, 0]
-            if cfg.decode_impl == "pallas":  # Mosaic on TPU, the interpreter on CPU, jnp FlashTPA elsewhere
-                o_BHE = flashtpa_decode_pallas(a_q_BPH, b_q_BPD, *kv, q_rank=cfg.q_rank, **kw)
+        plain_q = cfg.attention == "tpa_kvonly"
+        if t > 1:
+            span = dict(q_positions_BT=start_B[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :],
+                        kv_lengths_B=start_B + t, q_block_size=cfg.prefill_q_block_size)
+            if plain_q:
+                o_BTHE = flashtpa.flashtpa_prefill_plain_q(self.query(x_BTM, rope), *kv, **kw, **span)
             else:
-                o_BHE = flashtpa.flashtpa_decode(a_q_BPH, b_q_BPD, *kv, q_rank=cfg.q_rank, **kw)
-        return project_out(cfg, o_BHE[:, None].astype(x_B1M.dtype), self.w_o, self.out_norm)
+                a_q_BTPH = self._a(x_BTM, "q")  # [1, 1, P, H] when non-contextual
+                a_q_BTPH = jnp.broadcast_to(a_q_BTPH, (batch, t) + a_q_BTPH.shape[2:])
+                o_BTHE = flashtpa.flashtpa_prefill(a_q_BTPH, self._b(x_BTM, "q", rope), *kv, q_rank=cfg.q_rank,
+                                                   **kw, **span)
+            return project_out(cfg, o_BTHE.astype(x_BTM.dtype), self.w_o, self.out_norm)
+        lengths_B = start_B + 1
+        if plain_q:
+            o_BHE = flashtpa.flashtpa_decode_plain_q(self.query(x_BTM, rope)[:, 0], *kv, lengths_B, **kw)
+        else:
+            a_q_BPH, b_q_BPD = self._a(x_BTM, "q")[:, 0], self._b(x_BTM, "q", rope)[:, 0]
+            if cfg.decode_impl == "pallas":  # Mosaic on TPU, the interpreter on CPU, jnp FlashTPA elsewhere
+                o_BHE = flashtpa_decode_pallas(a_q_BPH, b_q_BPD, *kv, lengths_B, q_rank=cfg.q_rank, **kw)
+            else:
+                o_BHE = flashtpa.flashtpa_decode(a_q_BPH, b_q_BPD, *kv, lengths_B, q_rank=cfg.q_rank, **kw)
+        return project_out(cfg, o_BHE[:, None].astype(x_BTM.dtype), self.w_o, self.out_norm)
 
     def __call__(self, x_BTM: jax.Array, rope: Rope, mask: AttentionMask, cache: Optional[dict[str, jax.Array]] = None,
                  key_rope: Optional[Rope] = None, start_B: Optional[jax.Array] = None,
                  ) -> tuple[jax.Array, Optional[dict[str, jax.Array]]]:
         """Full attention (cache None) or cached prefill/decode: the new tokens' items are written
-        into ``cache`` at rows ``start_B`` and attention reads the whole cache.  Returns (out [B, T, M], cache)."""
+        into ``cache`` at rows ``start_B`` and attention reads the whole cache -- from the factors
+        (:meth:`flash_attention`) unless ``decode_impl="materialize"``, which rebuilds K and V.
+        Returns (out [B, T, M], cache)."""
         cfg = self.cfg
         items = self.kv_items(x_BTM, rope)
         if cache is not None:
             cache = write_cache(cache, items, start_B)
-            if x_BTM.shape[1] == 1 and cfg.decode_impl != "materialize":
-                return self.flash_decode(x_BTM, rope, key_rope, cache, start_B + 1), cache
+            if cfg.decode_impl != "materialize":  # decode (Alg. 2) or prefill (Alg. 1) from the factors
+                return self.flash_attention(x_BTM, rope, key_rope, cache, start_B), cache
             items = cache
         else:
             key_rope = rope
