@@ -47,7 +47,7 @@ import jax.numpy as jnp  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 
 from tpa_jax import accounting, configs, parallel  # noqa: E402
-from tpa_jax.config import REMAT_POLICIES, DataConfig, MeshConfig, OptimConfig, TrainConfig  # noqa: E402
+from tpa_jax.config import ATTENTION_IMPLS, REMAT_POLICIES, DataConfig, MeshConfig, OptimConfig, TrainConfig  # noqa: E402
 from tpa_jax.train import metrics as metrics_mod  # noqa: E402
 from tpa_jax.train import optimizer as optimizer_mod  # noqa: E402
 from tpa_jax.train import step as train_step_mod  # noqa: E402
@@ -117,6 +117,8 @@ def parse_args(argv):
     ap.add_argument("--mesh", default="1,-1,1", help="data,fsdp,tensor mesh sizes (-1: the remaining devices)")
     ap.add_argument("--jobs", type=int, default=0,
                     help="mechanisms initialised and compiled concurrently before timing (default: min(#, cpus))")
+    ap.add_argument("--attention-impl", default=None, choices=ATTENTION_IMPLS,
+                    help="ModelConfig.attention_impl of every mechanism (default: the configs', auto)")
     ap.add_argument("--mechanisms", default=None, help="comma-separated subset (default: all; mha always runs)")
     ap.add_argument("--quick", action="store_true",
                     help="smoke run: tiny family, batch 2 x 32, 2 reps, unoptimised XLA (not a measurement)")
@@ -142,7 +144,8 @@ def parse_args(argv):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    family = configs.family(args.size, compute_dtype=args.dtype, remat_policy=args.remat)
+    impl = {"attention_impl": args.attention_impl} if args.attention_impl else {}
+    family = configs.family(args.size, compute_dtype=args.dtype, remat_policy=args.remat, **impl)
     if args.mechanisms:
         keep = {m.strip() for m in args.mechanisms.split(",") if m.strip()} | {BASELINE}
         unknown = keep - set(family)
@@ -217,7 +220,7 @@ def main(argv=None) -> dict:
         "config": {
             "size": args.size, "batch": args.batch, "seq_len": args.seq_len, "tokens_per_step": n_tok,
             "reps": args.reps, "warmup": args.warmup, "compute_dtype": args.dtype, "param_dtype": b.param_dtype,
-            "remat_policy": args.remat, "accum_steps": args.accum,
+            "remat_policy": args.remat, "accum_steps": args.accum, "attention_impl": args.attention_impl,
             "build_jobs": args.jobs or min(len(names), os.cpu_count() or 1),
             "phase_s": {"build": round(phase["built"] - phase["start"], 3),
                         "warmup": round(phase["warm"] - phase["built"], 3),
