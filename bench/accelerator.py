@@ -41,7 +41,7 @@ def part_commands(backend: str, smoke: bool, bandwidth) -> dict[str, list]:
     train += ["--quick"] if smoke else ["--size", "small", "--batch", "16", "--seq-len", "1024", "--dtype", "bfloat16"]
     decode = [py, os.path.join(HERE, "decode.py"), "--quiet", "--d-model", "1024", "--batch", "1"]
     if smoke:
-        decode = [py, os.path.join(HERE, "decode.py"), "--quiet", "--d-model", "128", "--batch", "1", "--reps", "2",
+        decode = [py, os.path.join(HERE, "decode.py"), "--quiet", "--d-model", "256", "--batch", "1", "--reps", "2",
                   "--warmup", "1", "--param-init", "fast"]
     span = ["--min-log2", "6", "--max-log2", "7"] if smoke else ["--min-log2", "10", "--max-log2", "19",
                                                                    "--memory-cap-gb", "16"]
