@@ -23,7 +23,9 @@ TOL = dict(rtol=1e-5, atol=1e-5)
 
 
 def cfg_for(name, impl):
-    return cfg_of(name, attention_impl=impl, attention_block_size=BLOCK)
+    # decode_impl="materialize": TPA's cached prefill then runs through attention_impl (with "flash" it
+    # runs FlashTPA's Alg. 1, tested against materialize in tests/model/attention/test_flashtpa.py)
+    return cfg_of(name, attention_impl=impl, attention_block_size=BLOCK, decode_impl="materialize")
 
 
 @functools.lru_cache(maxsize=None)
