@@ -12,7 +12,8 @@ import pytest
 
 import tpa_jax
 from tpa_jax.inference import init_cache
-from tpa_jax.model.attention import TPAttention, attention_mask
+from tpa_jax.model.attention import TPAttention
+from tpa_jax.model.attention.core import AttentionMask
 from tpa_jax.model.rope import rope_tables
 
 from _util import VARIANTS, cfg_of, init_params, largest_intermediate, tokens
@@ -30,7 +31,7 @@ def _layer_step(cfg):
     def step(p, x_BTM, cache, start_B):
         t = x_BTM.shape[1]
         q_positions_BT = start_B[:, None] + jnp.arange(t)[None, :]
-        mask_BTS = attention_mask(q_positions_BT, start_B + t, jnp.arange(S))
+        mask_BTS = AttentionMask(q_positions_BT, start_B + t)
         return module.apply({"params": p}, x_BTM, rope_tables(q_positions_BT, cfg.rope_dim), mask_BTS, cache=cache,
                             key_rope=rope_tables(jnp.arange(S)[None], cfg.rope_dim), start_B=start_B)
 
