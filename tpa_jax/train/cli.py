@@ -78,7 +78,8 @@ def settings_help() -> str:
 
 def _main(argv: Optional[Sequence[str]]) -> int:
     script = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0].endswith(".py") else ""
-    parser = argparse.ArgumentParser(prog=script if script == "train.py" else "tpa-train", description="Train a T6 / TPA model (or a baseline).",
+    parser = argparse.ArgumentParser(prog=script if script == "train.py" else "tpa-train",
+                                     description="Train a T6 / TPA model (or a baseline).",
                                      epilog=settings_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--print-config", action="store_true",
                         help="print the fully resolved config as JSON and exit (touches no device or disk)")

@@ -34,12 +34,9 @@ def prepare_run_dir(run_dir: str) -> None:
 
 
 @contextlib.contextmanager
-def run_lock(run_dir: str, enabled: bool = True) -> Iterator[None]:
+def run_lock(run_dir: str) -> Iterator[None]:
     """Hold an exclusive ``flock`` on ``run_dir/.lock`` while inside (the kernel releases it when the
     holder dies, so a stale file never blocks); RunLockedError (one line) naming the holder."""
-    if not enabled:
-        yield
-        return
     path = os.path.join(run_dir, LOCK_NAME)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
