@@ -78,8 +78,8 @@ def test_cpu_families(size):
 # ------------------------------------------------------------------------------- packaged training configs
 @pytest.mark.parametrize("size", SIZES)
 def test_packaged_training_configs_follow_h1(size):
-    """configs/t6-{size}.json: App. H.1's optimiser and schedule, Table 9's accumulation steps."""
-    cfg = configs.load_train_config(str(ROOT / "configs" / f"t6-{size}.json"))
+    """The packaged t6-{size} config: App. H.1's optimiser and schedule, Table 9's accumulation steps."""
+    cfg = configs.load_train_config(f"t6-{size}")
     t9, lrs = PAPER["table9"][size], PAPER["h1_learning_rates"][size]
     assert cfg.model == configs.get(f"t6-{size}")
     assert (cfg.optim.lr, cfg.optim.min_lr) == (lrs["lr"], lrs["min_lr"])

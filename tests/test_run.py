@@ -22,13 +22,13 @@ from _util import ROOT
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """configs/t6-tiny.json (the README's main command) for 4 steps on a small corpus of project
+    """The packaged t6-tiny config (the README's main command) for 4 steps on a small corpus of project
     sources, checkpoints at steps 2 and 4."""
     d = tmp_path_factory.mktemp("load")
     files = sorted(os.path.join(ROOT, "tpa_jax", f) for f in os.listdir(os.path.join(ROOT, "tpa_jax"))
                    if f.endswith(".py"))
     manifest = prepare_files(files, d / "shards", "byte", val_fraction=0.3)
-    tcfg = load_train_config(os.path.join(ROOT, "configs", "t6-tiny.json"), [
+    tcfg = load_train_config("t6-tiny", [
         f"run_dir={d / 'run'}", "steps=4", "save_every=2", "batch_size=4", "data.source=manifest",
         f"data.path={manifest}", "data.seq_len=32", "eval_batches=1", "sample_tokens=0",
         "model.compute_dtype=float32"])

@@ -296,11 +296,11 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
-    """AdamW with linear warmup then cosine decay to min_lr (paper App. H.1 defaults)."""
+    """AdamW, linear warmup then cosine decay to min_lr (defaults: the t6-tiny run's; App. H.1: t6-small..xl)."""
 
-    lr: float = 6e-4
-    min_lr: float = 3e-5
-    warmup_steps: int = 2000
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    warmup_steps: int = 30
     b1: float = 0.9
     b2: float = 0.95
     eps: float = 1e-8
@@ -338,23 +338,23 @@ class MeshConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)  # a dict is read with from_dict
+    model: ModelConfig = dataclasses.field(default_factory=lambda: ModelConfig(max_seq_len=256))  # = get("t6-tiny")
     data: DataConfig = DataConfig()
     optim: OptimConfig = OptimConfig()
     mesh: MeshConfig = MeshConfig()
     run_dir: str = "runs/t6-tiny"
-    steps: int = 1000
+    steps: int = 600
     batch_size: int = 16  # global batch (sequences per optimizer update, across all micro-steps)
     seed: int = 0
     log_every: int = 10
-    eval_every: int = 250
+    eval_every: int = 200
     eval_batches: int = 8
-    save_every: int = 250
+    save_every: int = 200
     keep: int = 3  # keep the last N checkpoints
     keep_every: Optional[int] = None  # additionally keep every K-th step
     nan_policy: str = "stop"  # "stop": raise on a non-finite loss; "skip": drop that update
     profile_steps: Optional[tuple] = None  # (start, stop) step range for a jax.profiler trace
-    sample_tokens: int = 200  # greedy sample length printed at the end (0: none)
+    sample_tokens: int = 160  # greedy sample length printed at the end (0: none)
     sample_prompt: str = "def "
     # resuming with a changed model / data / seed / batch_size: "refuse" (one-line error) or "allow" (logged)
     resume_changes: str = "refuse"

@@ -6,12 +6,20 @@ a ``"model"`` entry may be a name:
 
     tpa_jax.configs.get("t6-small")      # also t6-kvonly-*, mha-*, mqa-*, gqa-*, mla-*
     tpa_jax.configs.get("t6-tiny", compute_dtype="float32")   # field overrides
-    tpa_jax.configs.load_train_config("configs/t6-tiny.json", ["model=mha-tiny", "optim.lr=1e-3"])
+    tpa_jax.configs.load_train_config("t6-small", ["model=mha-small", "optim.lr=1e-3"])
+
+Training configs ship inside the package (``tpa_jax/train_configs/*.json``, read with
+``importlib.resources``), so an installed ``tpa-train`` behaves the same from any working directory:
+``train_config_names()`` lists them, ``load_train_config`` takes a packaged name or a JSON file
+path, and no config at all means the packaged ``DEFAULT_TRAIN_CONFIG`` (t6-tiny).  The dataclass
+defaults of ``TrainConfig`` equal that default run (``TrainConfig() == load_train_config()``; a test
+holds them together), so Python and the command line start from the same numbers.
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.resources
 import json
 import math
 import os
@@ -103,6 +111,31 @@ def replace(cfg: ModelConfig, **changes: Any) -> ModelConfig:
 
 # ====================================================================== training configs
 DEFAULT_MODEL = "t6-tiny"  # the model of a training config that names none
+DEFAULT_TRAIN_CONFIG = "t6-tiny"  # the packaged training config used when none is given
+_PACKAGED = "train_configs"  # package-data folder of tpa_jax holding the named training configs
+
+
+def train_config_names() -> list[str]:
+    """The training configs shipped with the package (``--config NAME``)."""
+    folder = importlib.resources.files("tpa_jax").joinpath(_PACKAGED)
+    return sorted(f.name[: -len(".json")] for f in folder.iterdir() if f.name.endswith(".json"))
+
+
+def _read_config_text(path: Optional[str]) -> tuple[str, str]:
+    """(what to call it in errors, JSON text) of a config file path or a packaged config name."""
+    name = path or DEFAULT_TRAIN_CONFIG
+    stem = name[: -len(".json")] if name.endswith(".json") else name
+    if os.path.isfile(name):
+        with open(name) as f:
+            return f"config file {name!r}", f.read()
+    if os.path.isdir(name) and stem not in train_config_names():
+        raise ValueError(f"config file {name!r} is a directory; expected a JSON file")
+    if "/" in name or os.sep in name or stem not in train_config_names():
+        raise FileNotFoundError(f"config {name!r}: no such file, and not a packaged config (packaged: "
+                                f"{', '.join(train_config_names())})")
+    text = importlib.resources.files("tpa_jax").joinpath(_PACKAGED, stem + ".json").read_text()
+    return f"packaged config {stem!r}", text
+
 
 # TrainConfig fields holding a group of fields; a dotted override cannot reach inside the others
 _GROUPS = {f.name for f in dataclasses.fields(TrainConfig)
@@ -200,18 +233,14 @@ def train_config_from_dict(d: Mapping[str, Any]) -> TrainConfig:
 
 
 def load_train_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> TrainConfig:
-    """TrainConfig from a JSON file (or the defaults) plus dotted command-line overrides."""
-    d: dict = {}
-    if path:
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"config file {path!r} does not exist")
-        if os.path.isdir(path):
-            raise ValueError(f"config file {path!r} is a directory; expected a JSON file")
-        with open(path) as f:
-            try:
-                d = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"config file {path!r}: invalid JSON ({e})") from None
-        if not isinstance(d, dict):
-            raise ValueError(f"config file {path!r}: expected a JSON object, got {type(d).__name__}")
+    """TrainConfig from a JSON file or a packaged config name (default: ``DEFAULT_TRAIN_CONFIG``)
+    plus dotted command-line overrides.  A path that exists is read as a file; otherwise a name
+    (with or without ``.json``) is looked up among :func:`train_config_names`."""
+    what, text = _read_config_text(path)
+    try:
+        d = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{what}: invalid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{what}: expected a JSON object, got {type(d).__name__}")
     return train_config_from_dict(apply_overrides(d, overrides))

@@ -46,12 +46,12 @@ def offline_env(tmp):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """configs/t6-tiny.json for 60 steps on the project's sources (byte tokens)."""
+    """The packaged t6-tiny config for 60 steps on the project's sources (byte tokens)."""
     d = tmp_path_factory.mktemp("lm_eval_e2e")
     files = sorted(os.path.join(ROOT, "tpa_jax", f) for f in os.listdir(os.path.join(ROOT, "tpa_jax"))
                    if f.endswith(".py"))
     manifest = prepare_files(files, d / "shards", "byte", val_fraction=0.3)
-    tcfg = load_train_config(os.path.join(ROOT, "configs", "t6-tiny.json"), [
+    tcfg = load_train_config("t6-tiny", [
         f"run_dir={d / 'run'}", "steps=60", "save_every=60", "batch_size=4", "data.source=manifest",
         f"data.path={manifest}", "data.seq_len=32", "eval_batches=1", "sample_tokens=0",
         "model.compute_dtype=float32"])

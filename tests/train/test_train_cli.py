@@ -8,7 +8,9 @@ import sys
 import pytest
 
 from tpa_jax.train import checkpoint as ckpt
-from tpa_jax.train.cli import default_config_path, main
+from tpa_jax.config import TrainConfig
+from tpa_jax.configs import load_train_config, train_config_names
+from tpa_jax.train.cli import main
 
 from _util import ROOT
 
@@ -34,7 +36,8 @@ def test_cli_trains_saves_and_writes_config(tmp_path, corpus):
 @pytest.mark.parametrize("argv,match", [
     (["stepz=3"], "unknown field"),
     (["optim.lr=-1"], "OptimConfig.lr"),
-    (["--config", "/nonexistent/train.json"], "does not exist"),
+    (["--config", "/nonexistent/train.json"], "no such file"),
+    (["--config", "t6-huge"], "not a packaged config (packaged: t6-large, t6-medium, t6-small, t6-tiny, t6-xl)"),
     (["data.source=manifest", "data.path=/nonexistent/shards", "run_dir={tmp}"], "no token manifest"),
 ])
 def test_bad_input_is_one_error_line_and_exit_code_2(argv, match, tmp_path, capsys):
@@ -44,10 +47,24 @@ def test_bad_input_is_one_error_line_and_exit_code_2(argv, match, tmp_path, caps
     assert err.startswith("error: ") and match in err and "\n" not in err
 
 
-def test_default_config_is_the_tiny_t6():
-    path = default_config_path()
-    assert path.endswith(os.path.join("configs", "t6-tiny.json")) and os.path.isfile(path)
-    assert json.load(open(path))["model"] == "t6-tiny"
+def test_default_config_is_the_packaged_tiny_t6_and_equals_the_dataclass_defaults(tmp_path, monkeypatch):
+    """The defaults live in one place: the packaged t6-tiny.json equals TrainConfig(), field by field."""
+    monkeypatch.chdir(tmp_path)  # no repository files around: the package's own copy is read
+    source = os.path.join(ROOT, "tpa_jax", "train_configs")
+    assert train_config_names() == sorted(f[:-5] for f in os.listdir(source) if f.endswith(".json"))
+    on_disk = json.load(open(os.path.join(source, "t6-tiny.json")))
+    default = load_train_config()
+    assert default == TrainConfig() == load_train_config("t6-tiny") == load_train_config("t6-tiny.json")
+    assert default == load_train_config(os.path.join(source, "t6-tiny.json"))
+    assert on_disk["model"] == "t6-tiny" and default.model == __import__("tpa_jax").configs.get("t6-tiny")
+    for group, values in on_disk.items():
+        if isinstance(values, dict):
+            for k, v in values.items():
+                assert getattr(getattr(TrainConfig(), group), k) == v, f"{group}.{k}"
+        elif group != "model":
+            assert getattr(TrainConfig(), group) == values, group
+    small = load_train_config("t6-small")
+    assert (small.optim.lr, small.optim.warmup_steps, small.batch_size) == (6e-4, 2000, 480)
 
 
 def test_locked_run_dir_is_one_error_line_and_exit_code_2(tmp_path, corpus, capsys):

@@ -7,7 +7,9 @@ import pytest
 
 from tpa_jax.config import TrainConfig
 from tpa_jax.configs import load_train_config
-from tpa_jax.train.cli import default_config_path, main
+from tpa_jax.train.cli import main
+
+from _util import ROOT
 
 
 def test_help_lists_every_field_grouped(capsys):
@@ -32,6 +34,9 @@ def test_print_config_resolves_without_writing(tmp_path, capsys, monkeypatch):
     args = ["model.n_layer=3", "model=mha-tiny", "steps=5", f"run_dir={tmp_path / 'run'}"]
     assert main(["--print-config", *args]) == 0
     printed = json.loads(capsys.readouterr().out)
-    assert printed == load_train_config(default_config_path(), args).to_dict()
+    assert printed == load_train_config(None, args).to_dict()
+    packaged = json.load(open(ROOT / "tpa_jax" / "train_configs" / "t6-tiny.json"))  # read independently
+    assert (printed["optim"]["lr"], printed["eval_every"], printed["data"]["seq_len"]) == (
+        packaged["optim"]["lr"], packaged["eval_every"], packaged["data"]["seq_len"])
     assert printed["model"]["attention"] == "mha" and printed["model"]["n_layer"] == 3  # model= applied first
     assert list(tmp_path.iterdir()) == []

@@ -12,7 +12,6 @@ import os
 import sys
 from typing import Optional, Sequence
 
-DEFAULT_CONFIG = "t6-tiny.json"
 
 
 def _maybe_init_distributed() -> None:
@@ -30,16 +29,6 @@ def _maybe_init_distributed() -> None:
         )
     elif env.get("TPU_WORKER_HOSTNAMES") and "," in env.get("TPU_WORKER_HOSTNAMES", ""):
         jax.distributed.initialize()  # multi-host TPU VM: everything is discovered
-
-
-def default_config_path() -> str:
-    """``configs/t6-tiny.json`` under the working directory or the repository ('' when neither has it)."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    for root in (os.getcwd(), os.path.join(here, "..", "..")):
-        p = os.path.join(root, "configs", DEFAULT_CONFIG)
-        if os.path.exists(p):
-            return p
-    return ""
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -64,7 +53,7 @@ def settings_help() -> str:
 
     top = TrainConfig()
     lines = ["settings (dotted key=value overrides; model=NAME applies a named model first, whatever its",
-             "position; the defaults shown are the dataclasses', which the --config file overrides):"]
+             "position; the defaults shown are the default config's, which equal the dataclasses'):"]
     groups = [(f.name + ".", getattr(top, f.name)) for f in dataclasses.fields(top)
               if dataclasses.is_dataclass(getattr(top, f.name))] + [("", top)]
     for prefix, obj in groups:
@@ -77,13 +66,17 @@ def settings_help() -> str:
 
 
 def _main(argv: Optional[Sequence[str]]) -> int:
+    from ..configs import DEFAULT_TRAIN_CONFIG, load_train_config, train_config_names
+
     script = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0].endswith(".py") else ""
     parser = argparse.ArgumentParser(prog=script if script == "train.py" else "tpa-train",
                                      description="Train a T6 / TPA model (or a baseline).",
                                      epilog=settings_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--print-config", action="store_true",
                         help="print the fully resolved config as JSON and exit (touches no device or disk)")
-    parser.add_argument("--config", default=None, help="JSON training config (default: configs/t6-tiny.json)")
+    parser.add_argument("--config", default=None,
+                        help=f"a packaged config ({', '.join(train_config_names())}) or a JSON file; "
+                             f"default: {DEFAULT_TRAIN_CONFIG}, whose values the settings below show")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-3 model=mha-tiny")
     args = parser.parse_args(argv)
@@ -91,10 +84,8 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     for noisy in ("absl", "jax._src", "orbax"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
-    from ..configs import load_train_config
-
     try:
-        tcfg = load_train_config(args.config or default_config_path(), args.overrides)
+        tcfg = load_train_config(args.config, args.overrides)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
