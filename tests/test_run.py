@@ -51,6 +51,17 @@ def test_load_restores_the_trained_params(trained):
     assert run.generate(["a", "class B"], 5) == [run.generate("a", 5), run.generate("class B", 5)]
 
 
+def test_run_repr_is_one_short_line(trained):
+    """A notebook shows the run, not its arrays: step, mechanism, size, parameter count, tokenizer, where."""
+    run_dir, _, _ = trained
+    run = tpa_jax.load(run_dir)
+    text = repr(run)
+    n = tpa_jax.accounting.model_params(run.config)
+    assert text.startswith("Run(step=4, attention='tpa', n_layer=2, d_model=64") and f"params={n:,}" in text
+    assert "tokenizer='byte'" in text and os.path.join(str(run_dir), "checkpoints") in text
+    assert "\n" not in text and len(text) < 250 and "Array" not in text
+
+
 def test_load_onto_a_mesh(trained):
     run_dir, _, out = trained
     mesh = parallel.make_mesh(data=1, fsdp=8, tensor=1)
