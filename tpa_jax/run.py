@@ -19,17 +19,18 @@ import os
 from typing import Any, Optional, Sequence, Union
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
 from .config import ModelConfig, TrainConfig
 from .data.tokenizers import Tokenizer, load_tokenizer
-from .inference.generate import Generation, generate
+from .inference.generate import Generation, generate, length_bucket
 from .model import Transformer, abstract_params, logits_fn, model_of
 from .train.checkpoint import CheckpointError, manager, restore_newest, verify
 
 __all__ = ["Run", "load", "find_checkpoint_dir", "CheckpointError"]
+
+LOGITS_BUCKET = 16  # smallest padded length of Run.logits
 
 
 @dataclasses.dataclass
@@ -86,9 +87,23 @@ class Run:
             texts.append(self.decode(row))
         return texts[0] if single else texts
 
-    def logits(self, tokens: Any) -> jax.Array:
-        """Full-forward float32 logits [B, T, vocab] of int tokens [B, T]."""
-        return _jit_logits(self.config)(self.params, jnp.asarray(tokens, jnp.int32))
+    def logits(self, tokens: Any) -> np.ndarray:
+        """Full-forward float32 logits [B, T, vocab] (numpy) of int tokens [B, T] (or one sequence [T]).
+
+        The length is padded on the right to its bucket (the next power of two, at least
+        ``LOGITS_BUCKET``, at most ``max_seq_len``) and the result sliced back: causal attention
+        leaves earlier positions unchanged, and one compiled program serves every length in a bucket."""
+        ids = np.asarray(tokens)
+        if ids.ndim == 1:
+            ids = ids[None]
+        if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
+            raise ValueError(f"tokens: expected int ids [batch, length], got {ids.dtype} shape {ids.shape}")
+        t = ids.shape[1]
+        if not 1 <= t <= self.config.max_seq_len:
+            raise ValueError(f"tokens: length {t} outside 1..max_seq_len={self.config.max_seq_len}")
+        padded = length_bucket(t, LOGITS_BUCKET, self.config.max_seq_len)
+        ids = np.pad(ids.astype(np.int32), ((0, 0), (0, padded - t)))
+        return np.asarray(_jit_logits(self.config)(self.params, ids))[:, :t]  # sliced on the host
 
     def __repr__(self) -> str:
         n = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(self.params))

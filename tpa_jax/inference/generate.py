@@ -11,11 +11,20 @@ Prompts may have different lengths: they are right-padded, prefilled in one call
 temperature only overflows float32, while the softmax is already one-hot); otherwise softmax(logits / temperature) restricted to the ``top_k`` most
 likely tokens and to the smallest set whose probability reaches ``top_p``.  For a given seed the
 result is deterministic (``seed``: an integer in 0..2**32-1).  The decode cache is pre-allocated to ``max_len`` (default: the longest
-prompt plus ``max_new_tokens``, rounded up to a multiple of 64 and capped at the model's
+prompt plus ``max_new_tokens``, rounded up to its length bucket and capped at the model's
 ``max_seq_len``) and, given a ``mesh``, sharded by its logical axes.
+
+Compiling once per bucket: the compiled program depends on the batch size and on three length
+buckets -- the padded prompt length, the new-token buffer and the cache length -- each the next
+power of two at or above the need, with floors ``PROMPT_BUCKET``, ``NEW_TOKENS_BUCKET`` and
+``CACHE_BUCKET`` (and capped at ``max_seq_len``).  ``max_new_tokens`` itself is a traced bound of
+the decode loop.  So in a notebook, prompts of 5 and 9 tokens, or 20 and 30 new tokens, reuse one
+compiled program; sampling settings that change the program are ``top_k`` and greedy vs sampled
+(``temperature``, ``top_p`` and ``seed`` are traced).  ``count_compiles`` counts compilations.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Any, NamedTuple, Optional, Sequence, Union
 
@@ -28,9 +37,11 @@ from ..config import ModelConfig
 from ..model import logits_fn
 from .cache import cache_shardings, init_cache
 
-__all__ = ["Generation", "generate", "sample_logits", "prepare_prompts"]
+__all__ = ["Generation", "generate", "sample_logits", "prepare_prompts", "length_bucket", "count_compiles"]
 
-_BUCKET = 64  # prompt and cache lengths are rounded up to multiples of this (fewer recompiles)
+PROMPT_BUCKET = 16  # smallest padded prompt length; longer prompts pad to the next power of two
+NEW_TOKENS_BUCKET = 16  # smallest new-token buffer
+CACHE_BUCKET = 64  # smallest cache length
 GREEDY_BELOW = 1e-5  # temperatures below this sample greedily (see the module docstring)
 
 
@@ -41,11 +52,53 @@ class Generation(NamedTuple):
     lengths: np.ndarray  # int32 [B]
 
 
-def _round_up(n: int, m: int) -> int:
-    return -(-n // m) * m
+def length_bucket(n: int, floor: int, cap: Optional[int] = None) -> int:
+    """The bucket of a length ``n``: the next power of two >= max(n, floor), at most ``cap``
+    (when n <= cap)."""
+    b = max(int(floor), 1 << max(int(n) - 1, 0).bit_length())
+    return b if cap is None else min(b, max(int(cap), int(n)))
 
 
 Prompts = Union[Sequence[Sequence[int]], Sequence[int], np.ndarray, jax.Array]
+
+
+class CompileCount:
+    """How many programs were lowered for compilation while a ``count_compiles`` block ran."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.names: list[str] = []
+
+
+@contextlib.contextmanager
+def count_compiles():
+    """Count jit compilations inside the block (``jax.monitoring``'s lowering event, one per program
+    traced and lowered, whether or not the persistent compilation cache then has it):
+
+        with count_compiles() as c:
+            run.generate("def ", 20)
+        c.count, c.names
+    """
+    counter = CompileCount()
+
+    def listener(event: str, duration: float, **kw: Any) -> None:
+        if event == _LOWERING_EVENT:
+            counter.count += 1
+            counter.names.append(str(kw.get("fun_name", "?")))
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield counter
+    finally:
+        unregister = getattr(jax.monitoring, "unregister_event_duration_listener", None)
+        if unregister is None:  # older jax
+            from jax._src import monitoring as _monitoring
+
+            unregister = _monitoring._unregister_event_duration_listener_by_callback
+        unregister(listener)
+
+
+_LOWERING_EVENT = "/jax/core/compile/jaxpr_to_mlir_module_duration"
 
 
 def prepare_prompts(prompt_tokens: Prompts, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -102,9 +155,9 @@ def sample_logits(logits_BV: jax.Array, key: jax.Array, *, temperature: Union[fl
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "top_k", "greedy", "use_top_p", "pad_id"))
-def _generate(params, prompts, prompt_lengths, cache, key, temperature, top_p, stop_tokens, *, cfg: ModelConfig,
-              max_new_tokens: int, top_k, greedy: bool, use_top_p: bool, pad_id: int):
+@functools.partial(jax.jit, static_argnames=("cfg", "buffer", "top_k", "greedy", "use_top_p", "pad_id"))
+def _generate(params, prompts, prompt_lengths, cache, key, temperature, top_p, stop_tokens, max_new_tokens, *,
+              cfg: ModelConfig, buffer: int, top_k, greedy: bool, use_top_p: bool, pad_id: int):
     forward = logits_fn(cfg)
     batch = prompts.shape[0]
     sample = functools.partial(sample_logits, temperature=temperature, top_k=top_k,
@@ -113,7 +166,7 @@ def _generate(params, prompts, prompt_lengths, cache, key, temperature, top_p, s
     last = jnp.take_along_axis(logits, (prompt_lengths - 1)[:, None, None], axis=1)[:, 0]
     tok = sample(last, jax.random.fold_in(key, 0))
     is_stop = lambda t: jnp.any(t[:, None] == stop_tokens[None, :], axis=-1)
-    out = jnp.full((batch, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(tok)
+    out = jnp.full((batch, buffer), pad_id, jnp.int32).at[:, 0].set(tok)
     done = is_stop(tok)
     n_gen = jnp.ones((batch,), jnp.int32)
 
@@ -164,8 +217,9 @@ def generate(params: Any, cfg: ModelConfig, prompt_tokens: Prompts, max_new_toke
         raise ValueError(f"generation past the cache capacity: prompt {longest} + max_new_tokens {max_new_tokens} "
                          f"> max_len={capacity}; shorten the prompt or ask for fewer tokens")
     if max_len is None:
-        capacity = min(cfg.max_seq_len, _round_up(longest + max_new_tokens, _BUCKET))
-    padded_len = min(_round_up(longest, _BUCKET // 4), capacity)
+        capacity = length_bucket(longest + max_new_tokens, CACHE_BUCKET, cfg.max_seq_len)
+    padded_len = min(length_bucket(longest, PROMPT_BUCKET), capacity)
+    buffer = length_bucket(max_new_tokens, NEW_TOKENS_BUCKET)
     prompts = np.pad(prompts, ((0, 0), (0, padded_len - prompts.shape[1])), constant_values=pad_id)
     if not stops.size:
         stops = np.asarray([-1], np.int32)  # matches nothing
@@ -174,8 +228,9 @@ def generate(params: Any, cfg: ModelConfig, prompt_tokens: Prompts, max_new_toke
     if mesh is not None:
         cache = jax.device_put(cache, cache_shardings(cfg, cache, mesh))
     greedy = temperature < GREEDY_BELOW
-    out, n = _generate(params, jnp.asarray(prompts), jnp.asarray(lengths), cache, jax.random.key(int(seed)),
-                       jnp.float32(temperature if not greedy else 1.0), jnp.float32(top_p or 1.0),
-                       jnp.asarray(stops), cfg=cfg, max_new_tokens=int(max_new_tokens), top_k=top_k, greedy=greedy,
-                       use_top_p=top_p is not None, pad_id=int(pad_id))
-    return Generation(np.asarray(out), np.asarray(n))
+    # host arrays go to the jitted call as numpy: jnp.asarray would compile a transfer per new shape
+    out, n = _generate(params, prompts, lengths, cache, jax.random.key(int(seed)),
+                       np.float32(temperature if not greedy else 1.0), np.float32(top_p or 1.0),
+                       stops, np.int32(max_new_tokens), cfg=cfg, buffer=buffer, top_k=top_k,
+                       greedy=greedy, use_top_p=top_p is not None, pad_id=int(pad_id))
+    return Generation(np.asarray(out)[:, :max_new_tokens], np.asarray(n))
