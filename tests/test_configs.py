@@ -81,7 +81,7 @@ def test_packaged_training_configs_follow_h1(size):
     """The packaged t6-{size} config: App. H.1's optimiser and schedule, Table 9's accumulation steps."""
     cfg = configs.load_train_config(f"t6-{size}")
     t9, lrs = PAPER["table9"][size], PAPER["h1_learning_rates"][size]
-    assert cfg.model == configs.get(f"t6-{size}")
+    assert cfg.model == configs.get(f"t6-{size}", vocab_size=None)  # training takes the tokenizer's
     assert (cfg.optim.lr, cfg.optim.min_lr) == (lrs["lr"], lrs["min_lr"])
     assert (cfg.optim.b1, cfg.optim.b2, cfg.optim.weight_decay, cfg.optim.grad_clip) == (0.9, 0.95, 0.1, 1.0)
     assert cfg.optim.warmup_steps == 2000 and cfg.batch_size == 480  # H.1: global batch 480
@@ -103,7 +103,7 @@ def test_load_from_file_with_overrides(tmp_path):
     cfg = configs.load_train_config(path, ["steps=7", "optim.warmup_steps=3", "model.n_layer=3",
                                            "data.source=recall", "run_dir=out/x", "profile_steps=[1,2]"])
     assert isinstance(cfg, TrainConfig)
-    assert cfg.model == configs.get("mha-tiny", n_layer=3)
+    assert cfg.model == configs.get("mha-tiny", n_layer=3, vocab_size=None)
     assert (cfg.steps, cfg.optim.lr, cfg.optim.min_lr, cfg.optim.warmup_steps) == (7, 1e-3, 1e-4, 3)
     assert (cfg.data.seq_len, cfg.data.source, cfg.run_dir, cfg.profile_steps) == (64, "recall", "out/x", (1, 2))
     assert configs.load_train_config(path) == configs.load_train_config(path, [])  # the file alone
@@ -119,20 +119,28 @@ def test_model_name_applies_before_model_fields(tmp_path, order):
     overrides = ["model=mla-tiny", "model.n_layer=4", "model.compute_dtype=float32"]
     if order == "name_last":
         overrides = overrides[1:] + overrides[:1]
-    want = configs.get("mla-tiny", n_layer=4, compute_dtype="float32")
+    want = configs.get("mla-tiny", n_layer=4, compute_dtype="float32", vocab_size=None)
     assert configs.load_train_config(None, overrides).model == want
     path = _write(tmp_path, {"model": "t6-mini"})  # the override's name replaces the file's
     assert configs.load_train_config(path, overrides).model == want
 
 
 def test_default_model_when_none_is_named(tmp_path):
-    default = configs.get(configs.DEFAULT_MODEL)
+    default = configs.get(configs.DEFAULT_MODEL, vocab_size=None)
     assert configs.load_train_config().model == default
     assert configs.load_train_config(None, ["steps=3"]).model == default
     assert configs.load_train_config(None, ["model.n_layer=5"]).model == configs.replace(default, n_layer=5)
     assert configs.load_train_config(_write(tmp_path, {"steps": 3})).model == default
     assert configs.train_config_from_dict({}).model == default
-    assert configs.train_config_from_dict({"model": "mqa-tiny"}).model == configs.get("mqa-tiny")
+    assert configs.train_config_from_dict({"model": "mqa-tiny"}).model == configs.get("mqa-tiny", vocab_size=None)
+
+
+def test_vocab_size_is_left_to_the_data_unless_set():
+    """A named model leaves vocab_size unset (training fills it); an override or a model dict sets it."""
+    assert configs.load_train_config(None, ["model=t6-small"]).model.vocab_size is None
+    assert configs.load_train_config(None, ["model=t6-small", "model.vocab_size=32000"]).model.vocab_size == 32000
+    assert configs.load_train_config(None, ["model.vocab_size=300", "model=t6-small"]).model.vocab_size == 300
+    assert configs.train_config_from_dict({"model": configs.get("t6-tiny").to_dict()}).model.vocab_size == 256
 
 
 def test_parse_value():

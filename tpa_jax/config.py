@@ -50,7 +50,7 @@ class ModelConfig:
     documented inline.  Derived sizes are properties (``kv_heads``, ``value_dim``, ``b_dim`` ...).
     """
 
-    vocab_size: int = 256
+    vocab_size: Optional[int] = 256  # None: the training data's tokenizer's, rounded up to 128 (train fills it)
     n_layer: int = 2
     d_model: int = 64
     n_head: int = 4
@@ -109,7 +109,7 @@ class ModelConfig:
     def validate(self) -> None:
         if self.attention not in ATTENTIONS:
             raise _err("attention", f"one of {ATTENTIONS}", self.attention)
-        _positive_int("vocab_size", self.vocab_size, 2)
+        None if self.vocab_size is None else _positive_int("vocab_size", self.vocab_size, 2)
         for name in ("n_layer", "d_model", "n_head", "head_dim", "max_seq_len", "decode_block_size",
                      "attention_block_size", "prefill_q_block_size"):
             _positive_int(name, getattr(self, name))
@@ -254,7 +254,7 @@ class DataConfig:
     # multi-query associative recall, tpa_jax.data.recall; examples are seq_len tokens long)
     source: str = "embedded"
     path: Optional[str] = None  # manifest file or directory for source="manifest"
-    tokenizer: str = "byte"  # tokenizer for the embedded corpus
+    tokenizer: str = "byte"  # the embedded corpus's; a run's saved config names the tokenizer it used
     cache_dir: Optional[str] = None  # where embedded shards are written (default: ~/.cache/tpa_jax/...)
     seq_len: int = 128
     # source="recall" only.  Ids: 0 filler, keys 1..recall_keys, values after the keys (byte vocab: <= 256 ids)
@@ -338,7 +338,7 @@ class MeshConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    model: ModelConfig = dataclasses.field(default_factory=lambda: ModelConfig(max_seq_len=256))  # = get("t6-tiny")
+    model: ModelConfig = dataclasses.field(default_factory=lambda: ModelConfig(vocab_size=None, max_seq_len=256))
     data: DataConfig = DataConfig()
     optim: OptimConfig = OptimConfig()
     mesh: MeshConfig = MeshConfig()

@@ -14,6 +14,11 @@ Training configs ship inside the package (``tpa_jax/train_configs/*.json``, read
 path, and no config at all means the packaged ``DEFAULT_TRAIN_CONFIG`` (t6-tiny).  The dataclass
 defaults of ``TrainConfig`` equal that default run (``TrainConfig() == load_train_config()``; a test
 holds them together), so Python and the command line start from the same numbers.
+
+Vocabulary: a model named in a training config leaves ``vocab_size`` unset (None), and training
+fills it from the data's tokenizer, rounded up to a multiple of 128 (``tpa_jax.train.resolve_data``;
+byte data gives 256, GPT-2's 50257 gives the paper's 50304).  ``model.vocab_size=N`` (or a model
+written out as a dict) sets it explicitly; data whose vocabulary exceeds it is then refused.
 """
 from __future__ import annotations
 
@@ -153,8 +158,10 @@ def parse_value(text: str) -> Any:
 
 
 def resolve_model(value: Any) -> Any:
-    """A ``"model"`` entry: a name becomes its config's dict; anything else is returned as is."""
-    return get(value).to_dict() if isinstance(value, str) else value
+    """A ``"model"`` entry: a name becomes its config's dict with ``vocab_size`` None (training takes
+    the data's tokenizer's vocabulary, rounded up to a multiple of 128, unless a ``model.vocab_size``
+    override or a model dict sets it); anything else is returned as is."""
+    return get(value, vocab_size=None).to_dict() if isinstance(value, str) else value
 
 
 def apply_overrides(d: Mapping[str, Any], overrides: Sequence[str]) -> dict:

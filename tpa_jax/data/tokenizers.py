@@ -11,6 +11,11 @@ token), ``encode(str) -> list[int]``, ``decode(list[int]) -> str`` and ``to_mani
   ``RuntimeError``.
 - ``HFTokenizer(path)``: a Hugging Face ``tokenizer.json`` through the optional ``tokenizers``
   package (imported lazily).
+
+A shard manifest names its tokenizer by where it is (an HF tokenizer by the absolute path of its
+``tokenizer.json``).  A training run stores ``portable_spec(...)`` instead: the same entry with the
+``tokenizer.json`` text embedded (``content``), so a run directory or a checkpoint moved or copied
+elsewhere loads its tokenizer without the original file.
 """
 from __future__ import annotations
 
@@ -20,7 +25,7 @@ from typing import Any, Iterable, Optional, Sequence, Union
 import numpy as np
 
 __all__ = ["Tokenizer", "ByteTokenizer", "TiktokenTokenizer", "HFTokenizer", "load_tokenizer", "tokenizer_identity",
-           "tokenizer_mismatch"]
+           "tokenizer_mismatch", "portable_spec"]
 
 
 class Tokenizer:
@@ -129,20 +134,28 @@ class HFTokenizer(Tokenizer):
     ``</s>``, ``<|end_of_text|>``, ``<eos>``, ``<|eot_id|>``, ``[SEP]`` that the vocabulary has
     (``None`` if none)."""
 
-    def __init__(self, path: Union[str, os.PathLike], eot_token: Optional[str] = None):
+    def __init__(self, path: Union[str, os.PathLike], eot_token: Optional[str] = None, *,
+                 content: Optional[str] = None):
+        """``path``: a ``tokenizer.json`` (or its folder).  With ``content`` (that file's text) the
+        file is not read and ``path`` only names where it came from."""
         try:
             from tokenizers import Tokenizer as _HFTok
         except ImportError:
             raise ImportError("HFTokenizer needs the `tokenizers` package: pip install tokenizers") from None
-        path = os.path.abspath(os.fspath(path))
-        if os.path.isdir(path):
-            path = os.path.join(path, "tokenizer.json")
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"HF tokenizer file not found: {path}")
-        self._tok = _HFTok.from_file(path)
-        self.path = path
-        self.sha256 = _file_sha256(path)
-        self.name = f"hf:{path}"
+        if content is not None:
+            self._tok = _HFTok.from_str(content)
+            self.path = os.fspath(path)
+            self.sha256 = _sha256(content.encode("utf-8"))
+        else:
+            path = os.path.abspath(os.fspath(path))
+            if os.path.isdir(path):
+                path = os.path.join(path, "tokenizer.json")
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"HF tokenizer file not found: {path}")
+            self._tok = _HFTok.from_file(path)
+            self.path = path
+            self.sha256 = _file_sha256(path)
+        self.name = f"hf:{self.path}"
         self.vocab_size = int(self._tok.get_vocab_size(with_added_tokens=True))
         vocab = self._tok.get_vocab(with_added_tokens=True)
         if eot_token is not None and eot_token not in vocab:
@@ -181,7 +194,7 @@ def load_tokenizer(spec: TokenizerSpec) -> Tokenizer:
         elif kind == "tiktoken":
             tok = TiktokenTokenizer(spec.get("encoding", "gpt2"))
         elif kind == "hf":
-            tok = HFTokenizer(spec["path"], eot_token=spec.get("eot_token"))
+            tok = HFTokenizer(spec["path"], eot_token=spec.get("eot_token"), content=spec.get("content"))
         else:
             raise ValueError(f"tokenizer manifest: unknown kind {kind!r} (expected 'byte', 'tiktoken' or 'hf')")
         want = spec.get("vocab_size")
@@ -201,11 +214,35 @@ def load_tokenizer(spec: TokenizerSpec) -> Tokenizer:
     raise TypeError(f"tokenizer: expected a name, a manifest dict or a Tokenizer, got {type(spec).__name__}")
 
 
-def _file_sha256(path: str) -> str:
+def _sha256(data: bytes) -> str:
     import hashlib
 
+    return hashlib.sha256(data).hexdigest()
+
+
+def _file_sha256(path: str) -> str:
     with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
+        return _sha256(f.read())
+
+
+def portable_spec(spec: dict) -> dict:
+    """A tokenizer manifest entry that does not depend on where its files are: an HF entry gets its
+    ``tokenizer.json`` text (``content``; read from ``path``, which must exist unless the entry
+    already carries it) and ``path`` becomes the bare file name; byte and tiktoken entries are
+    returned as they are (they name no file)."""
+    if spec.get("kind") != "hf" or "content" in spec:
+        return dict(spec)
+    path = spec["path"]
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"tokenizer file {path} (named by the data's manifest) does not exist")
+    with open(path, "rb") as f:
+        raw = f.read()
+    digest = _sha256(raw)
+    if spec.get("sha256") not in (None, digest):
+        raise ValueError(f"tokenizer file {path} changed since the data was tokenized (sha256 {digest[:12]}... "
+                         f"vs the manifest's {spec['sha256'][:12]}...)")
+    return {**spec, "path": os.path.basename(path), "sha256": digest, "name": "hf:" + os.path.basename(path),
+            "content": raw.decode("utf-8")}
 
 
 def tokenizer_identity(spec: dict) -> tuple:

@@ -99,11 +99,13 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     from .checkpoint import CheckpointError
     from .guard import RunLockedError
     from .loop import NonFiniteLossError, train
+    from .run_data import resolve_data
 
-    cfg = tcfg.model
-    print(f"model: {cfg.attention} L={cfg.n_layer} d={cfg.d_model} h={cfg.n_head} "
-          f"params={model_params(cfg):,}; run_dir={tcfg.run_dir}", flush=True)
     try:
+        tcfg, _ = resolve_data(tcfg)  # the vocabulary, when unset, comes from the data's tokenizer
+        cfg = tcfg.model
+        print(f"model: {cfg.attention} L={cfg.n_layer} d={cfg.d_model} h={cfg.n_head} vocab={cfg.vocab_size} "
+              f"params={model_params(cfg):,}; run_dir={tcfg.run_dir}", flush=True)
         summary = train(tcfg, progress=not args.no_progress)
     except (ValueError, FileNotFoundError, NonFiniteLossError, CheckpointError, RunLockedError) as e:
         print(f"error: {e}", file=sys.stderr)

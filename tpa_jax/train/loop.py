@@ -22,13 +22,15 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from .. import accounting, parallel
 from ..config import ModelConfig, TrainConfig
-from ..data import (Tokenizer, check_compatible, eval_batches, is_recall_manifest, load_tokenizer, make_iterator,
-                    resolve_manifest, tokenizer_identity, tokenizer_mismatch)
+from ..data import (Tokenizer, eval_batches, is_recall_manifest, load_tokenizer, make_iterator, tokenizer_identity,
+                    tokenizer_mismatch)
+from ..data.tokenizers import portable_spec
 from ..inference import generate
 from . import checkpoint as ckpt
 from . import guard
 from .metrics import MetricsWriter, peak_flops
 from .optimizer import lr_schedule, make_optimizer
+from .run_data import resolve_data, save_tokenizer
 from .step import init_state, make_eval_step, make_recall_eval_step, make_train_step
 
 log = logging.getLogger("tpa_jax.train")
@@ -109,12 +111,11 @@ def train(tcfg: TrainConfig, *, devices: Optional[Sequence[jax.Device]] = None, 
     by another live trainer raises ``guard.RunLockedError``; a resume that changes the model or the
     data raises ValueError (see ``_check_resume_config``); both before anything is written.
     """
-    cfg = tcfg.model
     is_main = jax.process_index() == 0
     # ---- data and bad input, before anything is compiled
-    manifest = resolve_manifest(tcfg.data)
-    check_compatible(manifest, cfg.vocab_size, tcfg.data.seq_len, cfg.max_seq_len)
+    tcfg, manifest = resolve_data(tcfg)  # vocab_size from the tokenizer when unset; the tokenizer used
     tokenizer = load_tokenizer(manifest["tokenizer"])
+    tokenizer_spec = portable_spec(manifest["tokenizer"])  # what checkpoints store: loads from anywhere
     if tcfg.batch_size % jax.process_count():
         raise ValueError(f"TrainConfig.batch_size: expected a multiple of the process count "
                          f"{jax.process_count()}, got {tcfg.batch_size}")
@@ -125,7 +126,9 @@ def train(tcfg: TrainConfig, *, devices: Optional[Sequence[jax.Device]] = None, 
         if is_main:
             with open(os.path.join(tcfg.run_dir, "config.json"), "w") as f:
                 json.dump(tcfg.to_dict(), f, indent=1)
-        return _train(tcfg, manifest, tokenizer, devices=devices, progress=progress, stop_at_step=stop_at_step)
+            save_tokenizer(tcfg.run_dir, tokenizer_spec)
+        return _train(tcfg, manifest, tokenizer, tokenizer_spec, devices=devices, progress=progress,
+                      stop_at_step=stop_at_step)
 
 
 def _check_resume_config(tcfg: TrainConfig, manifest: dict, is_main: bool) -> None:
@@ -146,6 +149,8 @@ def _check_resume_config(tcfg: TrainConfig, manifest: dict, is_main: bool) -> No
     finally:
         mngr.close()
     guarded, free = guard.resume_config_changes(meta.get("config", {}), tcfg.to_dict())
+    if tcfg.data.source == "manifest":  # data.tokenizer only names it; its identity is compared below
+        guarded.pop("data.tokenizer", None)
     if "tokenizer" in meta and tokenizer_mismatch(manifest["tokenizer"], meta["tokenizer"]):
         guarded["tokenizer (kind, vocab, source)"] = [list(tokenizer_identity(meta["tokenizer"])),
                                                       list(tokenizer_identity(manifest["tokenizer"]))]
@@ -163,8 +168,8 @@ def _check_resume_config(tcfg: TrainConfig, manifest: dict, is_main: bool) -> No
             f.write(json.dumps({"event": "resume_changes", "step": step, "changes": guarded}) + "\n")
 
 
-def _train(tcfg: TrainConfig, manifest: dict, tokenizer: Tokenizer, *, devices: Optional[Sequence[jax.Device]],
-           progress: bool, stop_at_step: Optional[int]) -> dict:
+def _train(tcfg: TrainConfig, manifest: dict, tokenizer: Tokenizer, tokenizer_spec: dict, *,
+           devices: Optional[Sequence[jax.Device]], progress: bool, stop_at_step: Optional[int]) -> dict:
     """The body of ``train`` once the inputs are checked and the run_dir is locked."""
     cfg = tcfg.model
     is_main = jax.process_index() == 0
@@ -205,7 +210,7 @@ def _train(tcfg: TrainConfig, manifest: dict, tokenizer: Tokenizer, *, devices: 
 
     def meta_at(s):
         return {"step": s, "config": tcfg.to_dict(), "data_iter": iterator.get_state(),
-                "tokenizer": manifest["tokenizer"], "manifest": {k: manifest[k] for k in ("vocab_size", "dtype")
+                "tokenizer": tokenizer_spec, "manifest": {k: manifest[k] for k in ("vocab_size", "dtype")
                                                                    if k in manifest}}
 
     writer = MetricsWriter(tcfg.run_dir, enabled=is_main)
