@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from ...config import ATTENTION_IMPLS
+from ...parallel import constrain
 from .blocked import blocked_attention
 from .core import AttentionMask, attend
 
@@ -118,6 +119,12 @@ def attention(q_BTHD: jax.Array, k_BSKD: jax.Array, v_BSKE: jax.Array, *, scale:
 
 
 def attention_of(cfg, q_BTHD: jax.Array, k_BSKD: jax.Array, v_BSKE: jax.Array, mask: AttentionMask) -> jax.Array:
-    """:func:`attention` with ``cfg``'s scale, ``attention_impl`` and ``attention_block_size``."""
-    return attention(q_BTHD, k_BSKD, v_BSKE, scale=cfg.attn_scale, mask=mask, impl=cfg.attention_impl,
-                     block_size=cfg.attention_block_size)
+    """:func:`attention` with ``cfg``'s scale, ``attention_impl`` and ``attention_block_size``.  Under a
+    mesh, Q, K, V and the output are pinned to their logical layouts (heads over ``tensor``, batch
+    over ``data``/``fsdp``), whichever mechanism produced them."""
+    q_BTHD = constrain(q_BTHD, ("batch", "length", "heads", "head_dim"))
+    k_BSKD = constrain(k_BSKD, ("batch", "cache_length", "kv_heads", "head_dim"))
+    v_BSKE = constrain(v_BSKE, ("batch", "cache_length", "kv_heads", "value_dim"))
+    o_BTHE = attention(q_BTHD, k_BSKD, v_BSKE, scale=cfg.attn_scale, mask=mask, impl=cfg.attention_impl,
+                       block_size=cfg.attention_block_size)
+    return constrain(o_BTHE, ("batch", "length", "heads", "value_dim"))

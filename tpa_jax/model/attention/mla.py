@@ -19,10 +19,13 @@ import jax
 import jax.numpy as jnp
 
 from ...config import ModelConfig
+from ...parallel import constrain
 from ..layers import RMSNorm, cast, fan_in_init, param
 from ..rope import Rope, apply_rope
 from .core import AttentionMask, CacheLeaf, output_params, project_out, write_cache
 from .dispatch import attention_of
+
+LATENT = ("batch", "length", "latent")  # the logical layout of the q and kv latents under a mesh
 
 
 class MLAttention(nn.Module):
@@ -56,7 +59,7 @@ class MLAttention(nn.Module):
 
     def queries(self, x_BTM: jax.Array, rope: Rope) -> tuple[jax.Array, jax.Array]:
         """q_C [B, T, H, D] and the RoPE'd q_R [B, T, H, F], both from the normed c_Q [B, T, C]."""
-        c_q_BTC = self.q_norm(jnp.einsum("btm,mc->btc", cast(x_BTM, self.cfg), self._w("w_dq")))
+        c_q_BTC = constrain(self.q_norm(jnp.einsum("btm,mc->btc", cast(x_BTM, self.cfg), self._w("w_dq"))), LATENT)
         q_c_BTHD = jnp.einsum("btc,chd->bthd", c_q_BTC, self._w("w_uq"))
         q_r_BTHF = apply_rope(jnp.einsum("btc,chf->bthf", c_q_BTC, self._w("w_qr")), *rope)
         return q_c_BTHD, q_r_BTHF
@@ -64,7 +67,7 @@ class MLAttention(nn.Module):
     def kv_items(self, x_BTM: jax.Array, rope: Rope) -> dict[str, jax.Array]:
         """The cache leaves for T new tokens: c_kv [B, T, C] (normed) and k_r [B, T, F] (RoPE'd)."""
         x_BTM = cast(x_BTM, self.cfg)
-        c_kv_BTC = self.kv_norm(jnp.einsum("btm,mc->btc", x_BTM, self._w("w_dkv")))
+        c_kv_BTC = constrain(self.kv_norm(jnp.einsum("btm,mc->btc", x_BTM, self._w("w_dkv"))), LATENT)
         k_r_BTF = apply_rope(jnp.einsum("btm,mf->btf", x_BTM, self._w("w_kr")), *rope)
         return {"c_kv": c_kv_BTC, "k_r": k_r_BTF}
 

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from ...config import ModelConfig
+from ...parallel import constrain
 from ..layers import cast, param, uniform_init
 from ..rope import Rope, apply_rope
 from . import flashtpa
@@ -126,7 +127,7 @@ class TPAttention(nn.Module):
         if not cfg.contextual_a:
             return self._act(w[None, None])
         r = RANK_LETTER[n]
-        return self._act(jnp.einsum(f"btm,m{r}h->bt{r}h", x_BTM, w))
+        return self._act(constrain(jnp.einsum(f"btm,m{r}h->bt{r}h", x_BTM, w), ("batch", "length", "rank", "heads")))
 
     def _b_raw(self, x_BTM: jax.Array, n: str) -> jax.Array:
         """B of tensor n before RoPE, [B, T, P|R|U, d_b] (a broadcast constant when non-contextual)."""
@@ -135,7 +136,7 @@ class TPAttention(nn.Module):
         if not cfg.contextual_b:
             return jnp.broadcast_to(w[None, None], (x_BTM.shape[0], x_BTM.shape[1]) + w.shape)
         r, f = RANK_LETTER[n], _feature_letter(cfg, n)
-        return jnp.einsum(f"btm,m{r}{f}->bt{r}{f}", x_BTM, w)
+        return constrain(jnp.einsum(f"btm,m{r}{f}->bt{r}{f}", x_BTM, w), ("batch", "length", "rank", "factor_dim"))
 
     def _c(self, x_BTM: jax.Array, n: str) -> jax.Array:
         """Third-order c factor of tensor n, [B, T, P|R|U, J]."""
