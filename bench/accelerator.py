@@ -75,14 +75,31 @@ def run_one(argv: list, timeout: float) -> dict:
     return rec
 
 
-def summarise(parts: dict) -> dict:
-    """Headline numbers: train tokens/s and MFU per impl and mechanism; decode multiples of the limit."""
-    out: dict = {"train": {}, "decode_points": 0}
+def summarise(parts: dict, bandwidth) -> dict:
+    """Headline numbers: (a) train tokens/s and MFU per attention_impl and mechanism; (b) each decode
+    point's time per token beside its limits -- ``limit_ms`` measured in the same run (one read of a
+    buffer of the step's bytes) and, when the chip's HBM bandwidth is known, ``hbm_limit_ms`` (the
+    step's bytes / bandwidth); (c) prefill time per token of Alg. 1 over materialising K and V."""
+    out: dict = {"train": {}, "decode": [], "prefill": []}
     for impl, rec in parts.get("train", {}).items():
         res = rec.get("result", {}).get("results", {})
         out["train"][impl] = {m: {k: r.get(k) for k in ("tokens_per_s", "mfu")} for m, r in res.items()}
-    for rec in parts.get("decode", {}).values():
-        out["decode_points"] += len(rec.get("result", {}).get("points", []))
+    for impl, rec in parts.get("decode", {}).items():
+        for e in rec.get("result", {}).get("entries", []):
+            point = {"mechanism": e["mechanism"], "decode_impl": impl, "context": e["context"], "batch": e["batch"],
+                     "per_token_ms": 1e3 * e["per_token_s"], "limit_ms": 1e3 * e["limit_s"] if "limit_s" in e else None,
+                     "x_limit": e.get("x_limit")}
+            step_bytes = e.get("limit_bytes", e["cache_bytes"] + e.get("param_bytes", 0))
+            point["hbm_limit_ms"] = 1e3 * step_bytes / bandwidth if bandwidth else None
+            out["decode"].append(point)
+    for rec in parts.get("prefill", {}).values():
+        entries = rec.get("result", {}).get("prefill", {}).get("entries", [])
+        by = {(e["prompt"], e["prefill_impl"]): e["per_token_s"] for e in entries}
+        for prompt in sorted({p for p, _ in by}):
+            if (prompt, "flash") in by and (prompt, "materialize") in by:
+                out["prefill"].append({"prompt": prompt, "alg1_ms_per_token": 1e3 * by[prompt, "flash"],
+                                       "materialize_ms_per_token": 1e3 * by[prompt, "materialize"],
+                                       "alg1_over_materialize": by[prompt, "flash"] / by[prompt, "materialize"]})
     return out
 
 
@@ -92,7 +109,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--parts", default="train,decode,prefill", help="comma-separated subset of train,decode,prefill")
     ap.add_argument("--timeout", type=float, default=None,
                     help="seconds per child run (default 150; 120 with --smoke)")
+    ap.add_argument("--budget", type=float, default=450,
+                    help="seconds for the whole benchmark: a child gets at most what is left (default 450)")
     ap.add_argument("--out", default=None, help="directory for accelerator.json")
+    ap.add_argument("--dry-run", action="store_true", help="print the plan (every part's command) and exit")
+    ap.add_argument("--backend", default=None, choices=sorted(IMPLS_BY_BACKEND),
+                    help="plan for this backend instead of the present one (with --dry-run)")
     args = ap.parse_args(argv)
     wanted = [p.strip() for p in args.parts.split(",") if p.strip()]
     import jax
@@ -100,23 +122,33 @@ def main(argv=None) -> dict:
     from tpa_jax.eval.bench_timing import environment
     from tpa_jax.train.metrics import hbm_bandwidth, peak_flops
 
-    backend = jax.default_backend()
+    backend = args.backend or jax.default_backend()
     bandwidth = hbm_bandwidth()
     commands = part_commands(backend, args.smoke, bandwidth)
     unknown = sorted(set(wanted) - set(commands))
     if unknown:
         raise SystemExit(f"error: --parts: unknown {unknown}; expected some of {sorted(commands)}")
+    if args.dry_run:
+        plan = {"backend": backend, "smoke": args.smoke,
+                "parts": {p: {label: [os.path.relpath(a, os.path.dirname(HERE)) if a.startswith(HERE) else a
+                                      for a in cmd[1:]] for label, cmd in commands[p]} for p in wanted}}
+        print(json.dumps(plan, indent=1))
+        return plan
     timeout = args.timeout or (120 if args.smoke else 150)
     t0 = time.perf_counter()
     parts = {}
     for part in wanted:
         parts[part] = {}
         for label, cmd in commands[part]:
+            left = args.budget - (time.perf_counter() - t0)
+            if left < 10:
+                parts[part][label] = {"command": cmd, "status": "skipped: the --budget is spent"}
+                continue
             print(f"[accelerator] {part}/{label} ...", file=sys.stderr, flush=True)
-            parts[part][label] = run_one(cmd, timeout)
+            parts[part][label] = run_one(cmd, min(timeout, left))
     out = {"benchmark": "accelerator", "smoke": args.smoke, "environment": environment(),
            "peak_flops_per_device": peak_flops(), "hbm_bandwidth_bytes_per_s": bandwidth,
-           "wall_s": round(time.perf_counter() - t0, 1), "summary": summarise(parts), "parts": parts}
+           "wall_s": round(time.perf_counter() - t0, 1), "summary": summarise(parts, bandwidth), "parts": parts}
     print(json.dumps(out, indent=1))
     if args.out:
         os.makedirs(args.out, exist_ok=True)
