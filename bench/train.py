@@ -5,6 +5,7 @@
                                                  #   batch 16 x 1024, bfloat16, 20 reps)
     python bench/train.py --quick                # smoke run (seconds)
     python bench/train.py --mechanisms t6 --remat dots
+    python bench/train.py --size tiny --attention-impl xla,blocked --batch 1 --seq-len 8192   # impls compared
 
 Unlike ``bench/forward.py`` (a bare forward + backward + SGD step), this times exactly what
 ``tpa_jax.train.loop.train`` runs per step: ``make_train_step`` with ``make_optimizer``'s AdamW
@@ -24,6 +25,11 @@ time, tokens/s, MFU (null where the peak FLOP/s is unknown, e.g. CPU), final los
 ``ratio_to_mha`` (tokens/s over MHA's in the same run).  ``ratio_to_mha_cpu_time`` is the same
 ratio from this process's CPU time per step (less disturbed by other load on a shared CPU machine;
 not meaningful on an accelerator).
+
+With several comma-separated ``--attention-impl`` values every mechanism runs under each (results
+keyed ``mechanism@impl``, timed interleaved in the same run) and ``time_ratio_to_<first impl>``
+gives each one's median step time over the same mechanism's under the first implementation.  A
+``--seq-len`` beyond the family's ``max_seq_len`` raises ``max_seq_len`` to it.
 """
 from __future__ import annotations
 
@@ -117,8 +123,9 @@ def parse_args(argv):
     ap.add_argument("--mesh", default="1,-1,1", help="data,fsdp,tensor mesh sizes (-1: the remaining devices)")
     ap.add_argument("--jobs", type=int, default=0,
                     help="mechanisms initialised and compiled concurrently before timing (default: min(#, cpus))")
-    ap.add_argument("--attention-impl", default=None, choices=ATTENTION_IMPLS,
-                    help="ModelConfig.attention_impl of every mechanism (default: the configs', auto)")
+    ap.add_argument("--attention-impl", default=None,
+                    help=f"ModelConfig.attention_impl of every mechanism (default: the configs', auto); several, "
+                         f"comma-separated, are compared; from {ATTENTION_IMPLS}")
     ap.add_argument("--mechanisms", default=None, help="comma-separated subset (default: all; mha always runs)")
     ap.add_argument("--quick", action="store_true",
                     help="smoke run: tiny family, batch 2 x 32, 2 reps, unoptimised XLA (not a measurement)")
@@ -135,6 +142,10 @@ def parse_args(argv):
             ap.error(f"--{k.replace('_', '-')}: expected an integer >= 1, got {getattr(args, k)}")
     if args.warmup < 0:
         ap.error(f"--warmup: expected an integer >= 0, got {args.warmup}")
+    args.impls = [i.strip() for i in (args.attention_impl or "").split(",") if i.strip()]
+    bad = [i for i in args.impls if i not in ATTENTION_IMPLS]
+    if bad:
+        ap.error(f"--attention-impl: unknown {bad}; expected some of {ATTENTION_IMPLS}")
     try:
         args.mesh = MeshConfig(*(int(v) for v in args.mesh.split(",")))
     except (TypeError, ValueError) as e:
@@ -144,7 +155,7 @@ def parse_args(argv):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    impl = {"attention_impl": args.attention_impl} if args.attention_impl else {}
+    impl = {"attention_impl": args.impls[0]} if len(args.impls) == 1 else {}
     family = configs.family(args.size, compute_dtype=args.dtype, remat_policy=args.remat, **impl)
     if args.mechanisms:
         keep = {m.strip() for m in args.mechanisms.split(",") if m.strip()} | {BASELINE}
@@ -152,16 +163,18 @@ def main(argv=None) -> dict:
         if unknown:
             raise SystemExit(f"--mechanisms: unknown {sorted(unknown)}; expected some of {sorted(family)}")
         family = {k: v for k, v in family.items() if k in keep}
-    for cfg in family.values():
-        if args.seq_len > cfg.max_seq_len:
-            raise SystemExit(f"--seq-len: expected <= max_seq_len={cfg.max_seq_len}, got {args.seq_len}")
+    family = {k: configs.replace(v, max_seq_len=max(v.max_seq_len, args.seq_len)) for k, v in family.items()}
+    baseline = BASELINE
+    if len(args.impls) > 1:  # every mechanism under every implementation, keyed mechanism@impl
+        family = {f"{k}@{i}": configs.replace(v, attention_impl=i) for i in args.impls for k, v in family.items()}
+        baseline = f"{BASELINE}@{args.impls[0]}"
 
     mesh = parallel.mesh_from_config(args.mesh)
     n_chips = mesh.devices.size
     peak = metrics_mod.peak_flops()
     total_steps = args.warmup + args.reps
     optim = OptimConfig(warmup_steps=0, accum_steps=args.accum)  # paper AdamW; no warmup so every step updates
-    tokens = jax.random.randint(jax.random.key(1), (args.batch, args.seq_len + 1), 0, family[BASELINE].vocab_size,
+    tokens = jax.random.randint(jax.random.key(1), (args.batch, args.seq_len + 1), 0, family[baseline].vocab_size,
                                 dtype=jnp.int32)
     state, results = {}, {}
     phase = {"start": time.perf_counter()}
@@ -205,8 +218,8 @@ def main(argv=None) -> dict:
                  mfu=round(tps * r["train_flops_per_token"] / (peak * n_chips), 5) if peak else None,
                  final_loss=round(float(m["loss"]), 4), final_grad_norm=round(float(m["grad_norm"]), 4),
                  finite=bool(m["finite"]))
-        r["flops_ratio_to_mha"] = round(results[BASELINE]["train_flops_per_token"] / r["train_flops_per_token"], 4)
-    base, base_cpu = results[BASELINE]["tokens_per_s"], results[BASELINE]["cpu_median_s"]
+        r["flops_ratio_to_mha"] = round(results[baseline]["train_flops_per_token"] / r["train_flops_per_token"], 4)
+    base, base_cpu = results[baseline]["tokens_per_s"], results[baseline]["cpu_median_s"]
     ratios = {name: round(results[name]["tokens_per_s"] / base, 4) for name in names}
     cpu_ratios = {name: round(base_cpu / results[name]["cpu_median_s"], 4) for name in names}
     for name in names:
@@ -214,7 +227,7 @@ def main(argv=None) -> dict:
         results[name]["ratio_to_mha_cpu_time"] = cpu_ratios[name]
 
     env = environment()
-    b = family[BASELINE]
+    b = family[baseline]
     out = {
         "benchmark": "train_step_adamw_sharded",
         "config": {
@@ -229,11 +242,16 @@ def main(argv=None) -> dict:
             "mesh": dict(mesh.shape), "devices": env.pop("device_count"), **env, "mesh_devices": n_chips,
             "peak_flops_per_device": peak, "quick": args.quick,
         },
-        "baseline": BASELINE,
+        "baseline": baseline,
         "results": results,
         "ratio_to_mha": ratios,
         "ratio_to_mha_cpu_time": cpu_ratios,
     }
+    if len(args.impls) > 1:
+        first = args.impls[0]
+        out[f"time_ratio_to_{first}"] = {
+            name: round(results[name]["median_s"] / results[f"{name.split('@')[0]}@{first}"]["median_s"], 4)
+            for name in names if not name.endswith(f"@{first}")}
     print(json.dumps(out, indent=1))
     return out
 

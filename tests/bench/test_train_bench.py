@@ -38,3 +38,26 @@ def test_train_bench_quick():
         assert r["mfu"] is None  # peak FLOP/s unknown on CPU
         assert r["finite"] and math.isfinite(r["final_loss"])
         assert r["final_loss"] < r["first_loss"]  # AdamW updates on the fixed batch lower the loss
+
+
+@pytest.mark.slow
+def test_train_bench_compares_attention_impls():
+    """Several --attention-impl values: every mechanism under each, timed in one run, with the time
+    ratio to the first implementation; the same parameters and batch give the same first loss."""
+    env = dict(os.environ)
+    env.pop("XLA_FLAGS", None)
+    env["JAX_PLATFORMS"] = "cpu"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "train.py"), "--quick", "--mechanisms", "t6",
+                           "--attention-impl", "xla,blocked", "--seq-len", "300"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout)
+    r = out["results"]
+    assert set(r) == {"t6@xla", "mha@xla", "t6@blocked", "mha@blocked"} and out["baseline"] == "mha@xla"
+    assert out["config"]["seq_len"] == 300  # beyond the tiny family's max_seq_len (256): raised to it
+    ratios = out["time_ratio_to_xla"]
+    assert set(ratios) == {"t6@blocked", "mha@blocked"}
+    for name, ratio in ratios.items():
+        m = name.split("@")[0]
+        assert ratio == pytest.approx(r[name]["median_s"] / r[f"{m}@xla"]["median_s"], rel=1e-3)
+        assert r[name]["first_loss"] == pytest.approx(r[f"{m}@xla"]["first_loss"], abs=1e-3)
