@@ -113,10 +113,41 @@ def project_out(cfg: ModelConfig, o_BTHE: jax.Array, w_o_HEM: jax.Array, norm: O
 
 
 # ----------------------------------------------------------------------------------------- caches
-def write_cache(cache: dict[str, jax.Array], items: dict[str, jax.Array], start_B: jax.Array) -> dict[str, jax.Array]:
-    """Write each new item [B, T, ...] into its cache leaf [B, S, ...] at row ``start_B[b]`` of sequence b."""
+class LayerCache(NamedTuple):
+    """Layer ``index`` of the model's stacked decode cache, ``layers`` {name: [L, B, S, ...]}: what
+    the layer loop hands each layer, so that a layer writes its new tokens into the stack in place
+    and reads its rows straight from it (no per-layer slice is copied out and stacked back)."""
+
+    layers: dict[str, jax.Array]
+    index: jax.Array
+
+
+def write_cache(cache: dict[str, jax.Array] | LayerCache, items: dict[str, jax.Array],
+                start_B: jax.Array) -> dict[str, jax.Array] | LayerCache:
+    """Write each new item [B, T, ...] at row ``start_B[b]`` of sequence b: into its cache leaf
+    [B, S, ...], or into layer ``index`` of a :class:`LayerCache` stack (a scatter of the T new rows,
+    done in place when the stack is not read elsewhere)."""
+    if isinstance(cache, LayerCache):
+        b, t = next(iter(items.values())).shape[:2]
+        s = next(iter(cache.layers.values())).shape[2]
+        start_B = jnp.clip(start_B, 0, s - t)  # as dynamic_update_slice clamps the start
+        rows_BT = start_B[:, None] + jnp.arange(t, dtype=start_B.dtype)[None, :]
+        batch_BT = jnp.broadcast_to(jnp.arange(b)[:, None], (b, t))
+        layers = {name: buf.at[cache.index, batch_BT, rows_BT].set(items[name].astype(buf.dtype),
+                                                                  mode="promise_in_bounds")
+                  for name, buf in cache.layers.items()}
+        # one materialised stack: without the barrier XLA may duplicate the write into each reader
+        return LayerCache(jax.lax.optimization_barrier(layers), cache.index)
 
     def put(buf_S: jax.Array, new_T: jax.Array, start: jax.Array) -> jax.Array:
         return jax.lax.dynamic_update_slice_in_dim(buf_S, new_T.astype(buf_S.dtype), start, 0)
 
     return {name: jax.vmap(put)(cache[name], items[name], start_B) for name in cache}
+
+
+def read_cache(cache: dict[str, jax.Array] | LayerCache) -> dict[str, jax.Array]:
+    """The layer's cache leaves [B, S, ...] (of a :class:`LayerCache`: its layer of the stack)."""
+    if isinstance(cache, LayerCache):
+        return {name: jax.lax.dynamic_index_in_dim(buf, cache.index, 0, keepdims=False)
+                for name, buf in cache.layers.items()}
+    return cache

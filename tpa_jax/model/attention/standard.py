@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from ...config import ModelConfig
 from ..layers import cast, fan_in_init, param
 from ..rope import Rope, apply_rope
-from .core import AttentionMask, CacheLeaf, output_params, project_out, write_cache
+from .core import AttentionMask, CacheLeaf, output_params, project_out, read_cache, write_cache
 from .dispatch import attention_of
 
 
@@ -54,6 +54,7 @@ class StandardAttention(nn.Module):
         cfg = self.cfg
         items = self.kv_items(x_BTM, rope)
         if cache is not None:
-            items = cache = write_cache(cache, items, start_B)
+            cache = write_cache(cache, items, start_B)
+            items = read_cache(cache)
         o_BTHE = attention_of(cfg, self.query(x_BTM, rope), items["k"], items["v"], mask)
         return project_out(cfg, o_BTHE, self.w_o, self.out_norm), cache
