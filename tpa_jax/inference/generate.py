@@ -102,8 +102,7 @@ def sample_logits(logits_BV: jax.Array, key: jax.Array, *, temperature: Union[fl
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "top_k", "greedy", "use_top_p", "pad_id"),
-                   donate_argnames=("cache",))  # the fresh cache is updated in place, in the prefill and the loop
+@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "top_k", "greedy", "use_top_p", "pad_id"))
 def _generate(params, prompts, prompt_lengths, cache, key, temperature, top_p, stop_tokens, *, cfg: ModelConfig,
               max_new_tokens: int, top_k, greedy: bool, use_top_p: bool, pad_id: int):
     forward = logits_fn(cfg)
