@@ -155,14 +155,14 @@ def write_cache(cache: dict[str, jax.Array] | LayerCache, items: dict[str, jax.A
     [B, S, ...], or into layer ``index`` of a :class:`LayerCache` stack (in place: read the rows
     after writing, from the returned cache)."""
     if isinstance(cache, LayerCache):
-        layers = dict(cache.layers)
-        for name, buf in layers.items():
-            new = items[name].astype(buf.dtype)
-            for b in range(new.shape[0]):  # one in-place update per sequence
-                zeros = (0,) * (new.ndim - 2)
-                buf = jax.lax.dynamic_update_slice(buf, new[b][None, None], (cache.index, b, start_B[b]) + zeros)
-            layers[name] = buf
-        return LayerCache(layers, cache.index)
+        b, t = next(iter(items.values())).shape[:2]
+        s = next(iter(cache.layers.values())).shape[2]
+        start_B = jnp.clip(start_B, 0, s - t)  # as dynamic_update_slice clamps the start
+        rows_BT = start_B[:, None] + jnp.arange(t, dtype=start_B.dtype)[None, :]
+        batch_BT = jnp.broadcast_to(jnp.arange(b)[:, None], (b, t))
+        return LayerCache({name: buf.at[cache.index, batch_BT, rows_BT].set(items[name].astype(buf.dtype),
+                                                                           mode="promise_in_bounds")
+                           for name, buf in cache.layers.items()}, cache.index)
 
     def put(buf_S: jax.Array, new_T: jax.Array, start: jax.Array) -> jax.Array:
         return jax.lax.dynamic_update_slice_in_dim(buf_S, new_T.astype(buf_S.dtype), start, 0)
