@@ -46,7 +46,7 @@ BAD = [
     (dict(remat_policy="some"), "remat_policy"),
     (dict(mlp_hidden=0), "mlp_hidden"),
     (dict(decode_impl="fast"), "decode_impl"),
-    (dict(decode_block_size=-1), "decode_block_size"),
+    (dict(decode_block_size=0), "decode_block_size"),
     (dict(decode_impl="pallas", decode_block_size=12), "decode_block_size"),
     (dict(prefill_q_block_size=0), "prefill_q_block_size"),
     (dict(shared_kv_b=True, k_rank=2, v_rank=3), "shared_kv_b"),

@@ -94,7 +94,7 @@ class ModelConfig:
     # in the latent space; MHA/MQA/GQA read K, V), "pallas" (attention="tpa": decode by the Pallas kernel, Mosaic
     # on TPU, interpreted on CPU, "flash" elsewhere), "materialize" (rebuild K and V: the reference).
     decode_impl: str = "flash"
-    decode_block_size: int = 0  # cache rows per online-softmax block (decode, FlashTPA prefill); 0: per backend
+    decode_block_size: int = 512  # cache rows per online-softmax block (decode and FlashTPA prefill)
     prefill_q_block_size: int = 128  # query rows per tile of a FlashTPA cached prefill (Alg. 1)
     # --- T > 1 queries (training, forward, cached prefill): "xla" (einsum, dense mask: the reference),
     # "blocked" (jnp online softmax over key blocks, O(T * block) memory), "cudnn" (GPU), "splash" (Pallas
@@ -112,7 +112,7 @@ class ModelConfig:
         _positive_int("vocab_size", self.vocab_size, 2)
         for name in ("n_layer", "d_model", "n_head", "head_dim", "max_seq_len", "decode_block_size",
                      "attention_block_size", "prefill_q_block_size"):
-            _positive_int(name, getattr(self, name), int(name != "decode_block_size"))
+            _positive_int(name, getattr(self, name))
         for name, allowed in (("compute_dtype", DTYPES), ("param_dtype", DTYPES), ("remat_policy", REMAT_POLICIES),
                               ("decode_impl", DECODE_IMPLS), ("attention_impl", ATTENTION_IMPLS)):
             if getattr(self, name) not in allowed:

@@ -146,19 +146,6 @@ def _blocked_attention(a_q_BTPH: Optional[jax.Array], b_q_BTPD: jax.Array, a_k_B
     return o_BHTE.transpose(0, 2, 1, 3)
 
 
-# ----------------------------------------------------------------------------- block sizes
-BLOCK_SIZE = 512  # cache rows per block where ``block_size=0`` asks for the backend's default
-
-
-def decode_block_rows(block_size: int, backend: Optional[str] = None) -> int:
-    """Cache rows per decode block: ``block_size``, or for 0 the backend's default -- on a CPU one
-    pass over the whole cache (a single fused contraction streams the cache fastest there; the
-    per-block intermediates of one query are small), elsewhere :data:`BLOCK_SIZE`."""
-    if block_size:
-        return block_size
-    return 2 ** 30 if (backend or jax.default_backend()) == "cpu" else BLOCK_SIZE
-
-
 # ----------------------------------------------------------------------------- decode (Alg. 2)
 @functools.partial(jax.jit, static_argnames=_STATIC + ("block_size",))
 def flashtpa_decode(a_q_BPH: jax.Array, b_q_BPD: jax.Array, a_k_BSRH: jax.Array, b_k_BSRD: jax.Array,

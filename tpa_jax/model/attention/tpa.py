@@ -229,11 +229,9 @@ class TPAttention(nn.Module):
         s = jax.tree_util.tree_leaves(cache)[0].shape[1]
         f = self.kv_factors(cache, key_rope, batch, s)
         kv = (f["a_k"], f["b_k"], f["a_v"], f["b_v"])
-        kw = dict(k_rank=cfg.k_rank, v_rank=cfg.v_rank, scale=cfg.attn_scale,
-                  block_size=flashtpa.decode_block_rows(cfg.decode_block_size))
+        kw = dict(k_rank=cfg.k_rank, v_rank=cfg.v_rank, scale=cfg.attn_scale, block_size=cfg.decode_block_size)
         plain_q = cfg.attention == "tpa_kvonly"
         if t > 1:
-            kw["block_size"] = cfg.decode_block_size or flashtpa.BLOCK_SIZE
             span = dict(q_positions_BT=start_B[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :],
                         kv_lengths_B=start_B + t, q_block_size=cfg.prefill_q_block_size)
             if plain_q:
