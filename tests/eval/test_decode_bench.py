@@ -139,6 +139,39 @@ def test_plot_and_table(result, tmp_path):
     assert len({len(lines[i]) for i in range(header, header + 4)}) == 1  # aligned
 
 
+def test_limit_columns(result):
+    """The limit streams the step's bytes, cache plus parameters (written out independently), and
+    every point reports its time as a multiple of it, in the JSON and the table."""
+    for e in result["entries"]:
+        assert e["limit_bytes"] == e["cache_bytes"] + 4 * param_count(e["mechanism"])
+        assert len(e["limit_times_s"]) == 2 and e["limit_s"] == statistics.median(e["limit_times_s"]) > 0
+        assert e["x_limit"] == pytest.approx(e["per_token_s"] / e["limit_s"], rel=1e-12)
+        assert e["limit_gb_per_s"] == pytest.approx(e["limit_bytes"] / e["limit_s"] / 1e9, rel=1e-12)
+    lines = format_table(result).splitlines()
+    header = next(i for i, l in enumerate(lines) if l.lstrip().startswith("context"))
+    cols = lines[header].split()
+    assert "x" in cols and cols.count("lim") == len(MECHANISMS)
+    row = lines[header + 2].split()  # context 16: times, then the multiples, then the ratios
+    timed = {e["mechanism"]: e for e in result["entries"] if e["context"] == 16}
+    assert row[1 + len(MECHANISMS):1 + 2 * len(MECHANISMS)] == [f"{timed[m]['x_limit']:.2f}" for m in MECHANISMS]
+
+
+def test_plot_is_in_ms_on_a_log_axis(result, tmp_path, monkeypatch):
+    """The y axis is milliseconds on a log scale, with each line's limit drawn beside it."""
+    from matplotlib.axes import Axes
+
+    axes = []
+    real = Axes.set_yscale
+    monkeypatch.setattr(Axes, "set_yscale", lambda ax, v, **kw: (axes.append((ax, v)), real(ax, v, **kw))[1])
+    plot(result, str(tmp_path / "fig.png"))
+    ((ax, scale),) = axes
+    assert scale == "log" and "ms" in ax.get_ylabel()
+    e = next(e for e in result["entries"] if e["mechanism"] == "tpa" and e["context"] == 16)
+    ys = {line.get_label(): list(line.get_ydata()) for line in ax.get_lines()}
+    assert ys["TPA (batch 2)"][0] == pytest.approx(1e3 * e["per_token_s"])
+    assert ys["TPA limit (batch 2)"][0] == pytest.approx(1e3 * e["limit_s"])
+
+
 def test_prefill_alg1_against_materialize(tmp_path, capsys):
     """prefill_only: no decode point; both impls of TPA's cached prefill timed over 2 chunks of 16
     tokens; per-token time = median / prompt; the ratio is the quotient; a tiny cap skips both."""

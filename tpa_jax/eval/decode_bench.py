@@ -35,6 +35,11 @@ What one measured point is:
   ``accounting.kv_cache_per_token(cfg) * n_layer * dtype bytes * context * batch`` (checked
   against the bytes of the cache actually built).  ``cache_gb_per_s`` is ``cache_bytes / per_token_s
   / 1e9``; with a ``bandwidth`` (bytes/s) the memory-bound limit is ``cache_bytes / bandwidth``.
+* The limit measured in the same run: ``limit_bytes`` = the cache's bytes plus the parameters'
+  (``param_bytes``), what one step must read; ``limit_s`` is the median time of ``jnp.sum`` over a
+  float32 buffer of that many bytes, timed interleaved with the steps; ``limit_gb_per_s`` =
+  ``limit_bytes / limit_s / 1e9`` and ``x_limit = per_token_s / limit_s`` (1: the step streams
+  its bytes as fast as a plain reduction).
 * Ratios (per d_model, batch, context): ``"tpa/<mech>"`` = TPA's ``per_token_s`` over the other
   mechanism's (below 1: TPA is faster), and the same quotient of ``cache_bytes``.
 
@@ -163,13 +168,22 @@ class _Run:
         self.tokens = jnp.asarray(np.random.default_rng(seed).integers(0, cfg.vocab_size, (batch, 1)), jnp.int32)
         self.params = params
         self.step, self.compile_s = compile_timed(_make_step(cfg), params, self.layers, self.lengths, self.tokens)
+        # the memory-bound limit measured here: one reduction streaming as many bytes as a step must read
+        self.limit_bytes = self.measured_bytes_per_token * batch * context + nbytes(params)
+        self.stream = jnp.ones((-(-self.limit_bytes // 4),), jnp.float32)
+        self.sum, _ = compile_timed(jax.jit(jnp.sum), self.stream)
         for _ in range(warmup):
             self.run_once()
+            self.stream_once()
 
     def run_once(self):
         """One step; returns what to block on (the logits and the new cache layers)."""
         logits, self.layers = self.step(self.params, self.layers, self.lengths, self.tokens)
         return logits, self.layers
+
+    def stream_once(self):
+        """One read of a buffer of the step's bytes (cache + parameters): the limit of this point."""
+        return self.sum(self.stream)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -198,15 +212,17 @@ def _check_number(name: str, v) -> None:
         raise ValueError(f"{name}: expected a finite number > 0, got {v!r}")
 
 
-def _entry(run: _Run, cfg: ModelConfig, times: list, cache_bytes: int, param_bytes: int, batch: int,
-           context: int, bandwidth: Optional[float]) -> dict:
-    med = statistics.median(times)
+def _entry(run: _Run, cfg: ModelConfig, times: list, limit_times: list, cache_bytes: int, param_bytes: int,
+           batch: int, context: int, bandwidth: Optional[float]) -> dict:
+    med, limit = statistics.median(times), statistics.median(limit_times)
     e = dict(mechanism=cfg.attention, d_model=cfg.d_model, n_head=cfg.n_head, kv_heads=cfg.kv_heads,
              head_dim=cfg.head_dim, batch=batch, context=context, median_s=med, min_s=min(times), per_token_s=med,
              per_token_amortized_s=med / batch, times_s=list(times),
              kv_numbers_per_token_per_layer=accounting.kv_cache_per_token(cfg),
              cache_bytes_per_token=run.measured_bytes_per_token, cache_bytes=cache_bytes,
-             cache_gb_per_s=cache_bytes / med / 1e9, param_bytes=param_bytes, compile_s=run.compile_s)
+             cache_gb_per_s=cache_bytes / med / 1e9, param_bytes=param_bytes, compile_s=run.compile_s,
+             limit_bytes=run.limit_bytes, limit_s=limit, limit_times_s=list(limit_times),
+             limit_gb_per_s=run.limit_bytes / limit / 1e9, x_limit=med / limit)
     if bandwidth is not None:
         e["memory_bound_s"] = cache_bytes / bandwidth
         e["fraction_of_memory_bound"] = e["memory_bound_s"] / med
@@ -309,15 +325,20 @@ def run_decode_bench(*, d_models=(1024, 2048), batch_sizes=(1, 4), min_log2: int
                             f"{m}: cache built by init_cache holds {run.measured_bytes_per_token} bytes per "
                             f"token, accounting.kv_cache_per_token gives {per_token}")
                     runs[m] = run
-                times = time_interleaved({m: run.run_once for m, run in runs.items()}, reps)
+                steps = {}
+                for m, run in runs.items():
+                    steps.update({m: run.run_once, f"{m}:limit": run.stream_once})
+                times = time_interleaved(steps, reps)
                 point = {}
                 for m, run in runs.items():
-                    e = _entry(run, cfgs[d][m], times[m]["wall"], point_bytes[m], param_bytes[m], b, s, bandwidth)
+                    e = _entry(run, cfgs[d][m], times[m]["wall"], times[f"{m}:limit"]["wall"], point_bytes[m],
+                               param_bytes[m], b, s, bandwidth)
                     entries.append(e)
                     point[m] = e
                     if progress:
                         print(f"decode-bench d_model={d} batch={b} context={s} {m}: {1e3 * e['median_s']:.3f} "
-                              f"ms/step (compile {run.compile_s:.1f} s)", file=sys.stderr, flush=True)
+                              f"ms/step, {e['x_limit']:.2f}x the limit {1e3 * e['limit_s']:.3f} ms "
+                              f"(compile {run.compile_s:.1f} s)", file=sys.stderr, flush=True)
                 del runs
                 if TARGET in mechanisms:
                     ratios.append(_ratio_row(mechanisms, point, point_bytes, d, b, s))

@@ -1,9 +1,11 @@
 """Text table and figure of a decode-benchmark result (``tpa_jax.eval.decode_bench``).
 
 * :func:`format_table` -- per (d_model, batch): ms per step of each mechanism at every context,
-  and TPA's time ratios to the others; then TPA's prefill time per token, Alg. 1 vs materialize;
-* :func:`plot` -- log2(time per token) vs log2(context length), one panel per d_model, in the
-  colours of the paper's Figs. 7-8 (Agg canvas, no display).
+  each as a multiple of its measured memory-bound limit, and TPA's time ratios to the others; then
+  TPA's prefill time per token, Alg. 1 vs materialize;
+* :func:`plot` -- ms per token (log axis) vs log2(context length), one panel per d_model, in the
+  colours of the paper's Figs. 7-8, each mechanism's measured limit dotted beside it (Agg canvas,
+  no display).
 """
 from __future__ import annotations
 
@@ -31,9 +33,10 @@ def format_table(result: dict) -> str:
     timed = {(e["d_model"], e["batch"], e["context"], e["mechanism"]): e for e in result["entries"]}
     ratio_rows = {(r["d_model"], r["batch"], r["context"]): r for r in result["ratios"]}
     keys = [f"{TARGET}/{m}" for m in mechs if m != TARGET] if TARGET in mechs else []
-    head = ["context"] + list(mechs) + keys
+    head = ["context"] + list(mechs) + [f"{m} x lim" for m in mechs] + keys
     blocks = [f"per-token decode time in ms (one step = one token for each sequence; {cfg['dtype']}, "
               f"decode_impl={cfg['decode_impl']}, {cfg['n_layer']} layer(s), {cfg['device_kind']}); "
+              f"x lim: the step time over the time to stream its bytes (cache + parameters); "
               f"ratios < 1: TPA faster"]
     for d in () if cfg.get("prefill_only") else cfg["d_models"]:
         for b in cfg["batch_sizes"]:
@@ -42,6 +45,7 @@ def format_table(result: dict) -> str:
                 cells = [f"{s:,}"]
                 cells += [_fmt_ms(timed[(d, b, s, m)]["per_token_s"]) if (d, b, s, m) in timed else "skip"
                           for m in mechs]
+                cells += [f"{timed[(d, b, s, m)]['x_limit']:.2f}" if (d, b, s, m) in timed else "-" for m in mechs]
                 rr = ratio_rows.get((d, b, s), {"time": {}})["time"]
                 cells += [f"{rr[k]:.3f}" if k in rr else "-" for k in keys]
                 rows.append(cells)
@@ -81,10 +85,13 @@ def _prefill_table(prefill: dict) -> str:
 
 
 def plot(result: dict, png_path: str) -> str:
-    """log2(seconds per token) vs log2(context), one panel per d_model, a line per mechanism and batch.
+    """Milliseconds per token (log axis) vs log2(context), one panel per d_model, a line per
+    mechanism and batch.
 
-    Batch sizes differ by line style; with a ``bandwidth`` the memory-bound limits of the largest
-    batch are drawn as thin dotted lines.  Agg canvas (no display); returns ``png_path``.
+    Batch sizes differ by marker and line style; each line's measured limit (``limit_s``: streaming
+    its bytes) is drawn beside it as a thin dotted line of its colour, and with a ``bandwidth`` the
+    memory-bound times of the largest batch as thin dash-dotted lines.  Agg canvas (no display);
+    returns ``png_path``.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -106,15 +113,19 @@ def plot(result: dict, png_path: str) -> str:
                 if not pts:
                     continue
                 x = [math.log2(c) for c, _ in pts]
-                ax.plot(x, [math.log2(e["per_token_s"]) for _, e in pts], color=COLORS.get(m),
+                ax.plot(x, [1e3 * e["per_token_s"] for _, e in pts], color=COLORS.get(m),
                         linestyle=styles[j % len(styles)], marker=markers[j % len(markers)], markersize=3,
                         linewidth=1.5, label=f"{m.upper()} (batch {b})")
+                ax.plot(x, [1e3 * e["limit_s"] for _, e in pts], color=COLORS.get(m), linestyle=":",
+                        marker=markers[j % len(markers)], markersize=2, linewidth=0.9, alpha=0.7,
+                        label=f"{m.upper()} limit (batch {b})")
                 if cfg.get("bandwidth_bytes_per_s") and b == cfg["batch_sizes"][-1]:
-                    ax.plot(x, [math.log2(e["memory_bound_s"]) for _, e in pts], color=COLORS.get(m),
-                            linestyle=":", linewidth=0.8, alpha=0.6)
+                    ax.plot(x, [1e3 * e["memory_bound_s"] for _, e in pts], color=COLORS.get(m),
+                            linestyle="-.", linewidth=0.6, alpha=0.5)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("log2(context length)")
-        ax.set_ylabel("log2(time per token) (seconds)")
+        ax.set_yscale("log")
+        ax.set_ylabel("time per token (ms, log scale); dotted: streaming limit")
         ax.set_title(f"d_model {d} ({d // cfg['head_dim']} heads, d_h {cfg['head_dim']})")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7, ncol=len(cfg["batch_sizes"]))

@@ -26,6 +26,7 @@ from .. import parallel
 from ..parallel import constrain
 from ..config import ModelConfig
 from .attention import AttentionMask, attention_class
+from .attention.core import LayerCache
 from .layers import Embedding, RMSNorm, SwiGLU
 from .rope import Rope, rope_tables
 
@@ -38,15 +39,19 @@ REMAT_POLICIES = {
 
 
 class Block(nn.Module):
-    """Pre-norm block: x + attn(RMSNorm(x)), then + SwiGLU(RMSNorm(x)); returns (x, this layer's cache)."""
+    """Pre-norm block: x + attn(RMSNorm(x)), then + SwiGLU(RMSNorm(x)).
+
+    The scan carry is x, or with a decode cache (x, the stacked cache {name: [L, B, S, ...]}) with
+    ``layer`` this block's index: the layer writes its new tokens into the stack in place and reads
+    its rows from it, so the whole cache travels through the layer loop without copies."""
 
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BTM: jax.Array, rope: Rope, key_rope: Optional[Rope], mask: AttentionMask,
-                 start_B: Optional[jax.Array], cache: Optional[dict[str, jax.Array]],
-                 ) -> tuple[jax.Array, Optional[dict[str, jax.Array]]]:
+    def __call__(self, carry: Any, rope: Rope, key_rope: Optional[Rope], mask: AttentionMask,
+                 start_B: Optional[jax.Array], layer: Optional[jax.Array]) -> tuple[Any, None]:
         cfg = self.cfg
+        x_BTM, cache = (carry[0], LayerCache(carry[1], layer)) if isinstance(carry, tuple) else (carry, None)
         x_BTM = constrain(x_BTM, ACTIVATION_AXES)  # the residual stream's layout at every block boundary
         h_BTM = RMSNorm(cfg, cfg.d_model, cfg.norm_eps, cfg.norm_weight, name="attn_norm")(x_BTM)
         a_BTM, cache = attention_class(cfg)(cfg, name="attn")(h_BTM, rope, mask, cache=cache, key_rope=key_rope,
@@ -54,7 +59,8 @@ class Block(nn.Module):
         x_BTM = x_BTM + a_BTM.astype(x_BTM.dtype)
         h_BTM = RMSNorm(cfg, cfg.d_model, cfg.norm_eps, cfg.norm_weight, name="mlp_norm")(x_BTM)
         x_BTM = x_BTM + SwiGLU(cfg, name="mlp")(h_BTM).astype(x_BTM.dtype)
-        return constrain(x_BTM, ACTIVATION_AXES), cache
+        x_BTM = constrain(x_BTM, ACTIVATION_AXES)
+        return (x_BTM if cache is None else (x_BTM, cache.layers)), None
 
 
 class Transformer(nn.Module):
@@ -106,8 +112,9 @@ class Transformer(nn.Module):
         q_positions_BT = lengths_B[:, None] + index_T[None, :]
         key_positions_S = jnp.arange(max_len, dtype=jnp.int32)
         mask = AttentionMask(q_positions_BT, lengths_B + t)  # keys: the cache rows 0..max_len-1
-        x_BTM, layers = self.blocks(x_BTM, tables(q_positions_BT), tables(key_positions_S[None, :]), mask,
-                                    lengths_B, cache["layers"])
+        (x_BTM, layers), _ = self.blocks((x_BTM, cache["layers"]), tables(q_positions_BT),
+                                         tables(key_positions_S[None, :]), mask, lengths_B,
+                                         jnp.arange(cfg.n_layer, dtype=jnp.int32))
         new_lengths_B = lengths_B + (t if valid_lengths is None else jnp.asarray(valid_lengths, jnp.int32))
         return self.embed.attend(self.final_norm(x_BTM)), {"lengths": new_lengths_B, "layers": layers}
 

@@ -91,6 +91,33 @@ def attend(q_BTHD: jax.Array, k_BSKD: jax.Array, v_BSKE: jax.Array, *, scale: fl
     return o_BKTE.reshape(b, kv, g, t, e).transpose(0, 3, 1, 2, 4).reshape(b, t, h, e)
 
 
+def attend_one(q_B1HD: jax.Array, k_BSKD: jax.Array, v_BSKE: jax.Array, *, scale: float, visible_BS: jax.Array,
+               streaming: bool) -> jax.Array:
+    """One query token per sequence against the cache rows ``visible_BS``: o [B, 1, H, E], float32 softmax.
+
+    ``streaming`` (used on a CPU) reads the cache in its own [B, S, K, D] order: each contraction
+    is one plain matmul over its contiguous rows -- the logits [S, K D] x [K D, H] against
+    block-diagonal queries (query head h meets only kv head h // G's features), the output
+    [H, S] x [S, K E] of which each head keeps its own kv head's block.  The K-fold extra flops are
+    cheap next to streaming the cache, and no transposed copy of it is made, as :func:`attend`'s
+    head-major einsums make on a CPU (which this falls back to otherwise).
+    """
+    if not streaming:
+        return attend(q_B1HD, k_BSKD, v_BSKE, scale=scale, mask_BTS=visible_BS[:, None])
+    b, _, h, d = q_B1HD.shape
+    s, kv, e = k_BSKD.shape[1], k_BSKD.shape[2], v_BSKE.shape[-1]
+    g = h // kv
+    eye_KJ = jnp.eye(kv, dtype=q_B1HD.dtype)
+    q_bd_BCN = jnp.einsum("bkgd,kj->bkdjg", q_B1HD.reshape(b, kv, g, d), eye_KJ).reshape(b, kv * d, h)
+    logits_BSH = jnp.einsum("bsc,bcn->bsn", k_BSKD.reshape(b, s, kv * d), q_bd_BCN.astype(k_BSKD.dtype),
+                            preferred_element_type=jnp.float32) * scale
+    logits_BSH = jnp.where(visible_BS[:, :, None], logits_BSH, jnp.finfo(jnp.float32).min)
+    probs_BSH = jax.nn.softmax(logits_BSH, axis=1)
+    o_BHJE = jnp.einsum("bsn,bsc->bnc", probs_BSH.astype(v_BSKE.dtype), v_BSKE.reshape(b, s, kv * e))
+    o_BHE = jnp.einsum("bkgje,kj->bkge", o_BHJE.reshape(b, kv, g, kv, e), eye_KJ.astype(o_BHJE.dtype))
+    return o_BHE.reshape(b, 1, h, e)
+
+
 # ----------------------------------------------------------------------------------------- output
 def output_params(module: nn.Module) -> tuple[jax.Array, Optional[RMSNorm]]:
     """Create W_O [H, E, M] (zero-initialised) and the optional per-head output RMSNorm of ``module``.
@@ -113,10 +140,39 @@ def project_out(cfg: ModelConfig, o_BTHE: jax.Array, w_o_HEM: jax.Array, norm: O
 
 
 # ----------------------------------------------------------------------------------------- caches
-def write_cache(cache: dict[str, jax.Array], items: dict[str, jax.Array], start_B: jax.Array) -> dict[str, jax.Array]:
-    """Write each new item [B, T, ...] into its cache leaf [B, S, ...] at row ``start_B[b]`` of sequence b."""
+class LayerCache(NamedTuple):
+    """Layer ``index`` of the model's stacked decode cache, ``layers`` {name: [L, B, S, ...]}: what
+    the layer loop hands each layer, so that a layer writes its new tokens into the stack in place
+    and reads its rows straight from it (no per-layer slice is copied out and stacked back)."""
+
+    layers: dict[str, jax.Array]
+    index: jax.Array
+
+
+def write_cache(cache: dict[str, jax.Array] | LayerCache, items: dict[str, jax.Array],
+                start_B: jax.Array) -> dict[str, jax.Array] | LayerCache:
+    """Write each new item [B, T, ...] at row ``start_B[b]`` of sequence b: into its cache leaf
+    [B, S, ...], or into layer ``index`` of a :class:`LayerCache` stack (in place: read the rows
+    after writing, from the returned cache)."""
+    if isinstance(cache, LayerCache):
+        b, t = next(iter(items.values())).shape[:2]
+        s = next(iter(cache.layers.values())).shape[2]
+        start_B = jnp.clip(start_B, 0, s - t)  # as dynamic_update_slice clamps the start
+        rows_BT = start_B[:, None] + jnp.arange(t, dtype=start_B.dtype)[None, :]
+        batch_BT = jnp.broadcast_to(jnp.arange(b)[:, None], (b, t))
+        return LayerCache({name: buf.at[cache.index, batch_BT, rows_BT].set(items[name].astype(buf.dtype),
+                                                                           mode="promise_in_bounds")
+                           for name, buf in cache.layers.items()}, cache.index)
 
     def put(buf_S: jax.Array, new_T: jax.Array, start: jax.Array) -> jax.Array:
         return jax.lax.dynamic_update_slice_in_dim(buf_S, new_T.astype(buf_S.dtype), start, 0)
 
     return {name: jax.vmap(put)(cache[name], items[name], start_B) for name in cache}
+
+
+def read_cache(cache: dict[str, jax.Array] | LayerCache) -> dict[str, jax.Array]:
+    """The layer's cache leaves [B, S, ...] (of a :class:`LayerCache`: its layer of the stack)."""
+    if isinstance(cache, LayerCache):
+        return {name: jax.lax.dynamic_index_in_dim(buf, cache.index, 0, keepdims=False)
+                for name, buf in cache.layers.items()}
+    return cache

@@ -22,7 +22,7 @@ from ...config import ModelConfig
 from ...parallel import constrain
 from ..layers import RMSNorm, cast, fan_in_init, param
 from ..rope import Rope, apply_rope
-from .core import AttentionMask, CacheLeaf, output_params, project_out, write_cache
+from .core import AttentionMask, CacheLeaf, output_params, project_out, read_cache, write_cache
 from .dispatch import attention_of
 
 LATENT = ("batch", "length", "latent")  # the logical layout of the q and kv latents under a mesh
@@ -98,10 +98,11 @@ class MLAttention(nn.Module):
         cfg = self.cfg
         items = self.kv_items(x_BTM, rope)
         if cache is not None:
-            items = cache = write_cache(cache, items, start_B)
+            cache = write_cache(cache, items, start_B)
+            items = read_cache(cache)
         q_c_BTHD, q_r_BTHF = self.queries(x_BTM, rope)
         if cache is not None and x_BTM.shape[1] == 1 and cfg.decode_impl != "materialize":
-            o_BTHE = self.absorbed_attention(q_c_BTHD, q_r_BTHF, cache, mask.dense(1, cache["c_kv"].shape[1]))
+            o_BTHE = self.absorbed_attention(q_c_BTHD, q_r_BTHF, items, mask.dense(1, items["c_kv"].shape[1]))
             return project_out(cfg, o_BTHE, self.w_o, self.out_norm), cache
         k_c_BSHD = jnp.einsum("bsc,chd->bshd", items["c_kv"], self._w("w_uk"))
         v_BSHE = jnp.einsum("bsc,che->bshe", items["c_kv"], self._w("w_uv"))

@@ -11,7 +11,8 @@ import jax.numpy as jnp
 from ...config import ModelConfig
 from ..layers import cast, fan_in_init, param
 from ..rope import Rope, apply_rope
-from .core import AttentionMask, CacheLeaf, output_params, project_out, write_cache
+from .core import (AttentionMask, CacheLeaf, attend_one, filled_BS, output_params, project_out, read_cache,
+                   write_cache)
 from .dispatch import attention_of
 
 
@@ -34,6 +35,12 @@ class StandardAttention(nn.Module):
         self.w_v = param(self, "w_v", fan_in_init(m), (m, kv, e), ("embed", "kv_heads", "value_dim"))
         self.w_o, self.out_norm = output_params(self)
 
+    def streams_decode(self) -> bool:
+        """Whether one-token decoding reads the cache by ``core.attend_one``'s streaming matmuls: on a
+        CPU with one kv head (MQA).  With several kv heads the block-diagonal product costs K times
+        the flops and, at 32k tokens, measured slower there than the head-major einsums."""
+        return jax.default_backend() == "cpu" and self.cfg.kv_heads == 1
+
     def query(self, x_BTM: jax.Array, rope: Rope) -> jax.Array:
         """q [B, T, H, D], RoPE'd."""
         return apply_rope(jnp.einsum("btm,mhd->bthd", cast(x_BTM, self.cfg), cast(self.w_q, self.cfg)), *rope)
@@ -53,7 +60,15 @@ class StandardAttention(nn.Module):
         attention reads the whole cache (``key_rope`` is unused: cached keys are already rotated)."""
         cfg = self.cfg
         items = self.kv_items(x_BTM, rope)
+        if cache is not None and x_BTM.shape[1] == 1:  # decode: write in place, then read the rows
+            cache = write_cache(cache, items, start_B)
+            rows = read_cache(cache)
+            visible_BS = filled_BS(start_B + 1, jnp.arange(rows["k"].shape[1], dtype=jnp.int32))
+            o_B1HE = attend_one(self.query(x_BTM, rope), rows["k"], rows["v"], scale=cfg.attn_scale,
+                                visible_BS=visible_BS, streaming=self.streams_decode())
+            return project_out(cfg, o_B1HE, self.w_o, self.out_norm), cache
         if cache is not None:
-            items = cache = write_cache(cache, items, start_B)
+            cache = write_cache(cache, items, start_B)
+            items = read_cache(cache)
         o_BTHE = attention_of(cfg, self.query(x_BTM, rope), items["k"], items["v"], mask)
         return project_out(cfg, o_BTHE, self.w_o, self.out_norm), cache

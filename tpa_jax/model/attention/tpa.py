@@ -33,7 +33,7 @@ from ...parallel import constrain
 from ..layers import cast, param, uniform_init
 from ..rope import Rope, apply_rope
 from . import flashtpa
-from .core import AttentionMask, CacheLeaf, output_params, project_out, write_cache
+from .core import AttentionMask, CacheLeaf, output_params, project_out, read_cache, write_cache
 from .dispatch import attention_of
 from .kernels import flashtpa_decode_pallas
 
@@ -265,12 +265,12 @@ class TPAttention(nn.Module):
         items = self.kv_items(x_BTM, rope)
         if cache is not None:
             cache = write_cache(cache, items, start_B)
+            items = read_cache(cache)
             if cfg.decode_impl != "materialize":  # decode (Alg. 2) or prefill (Alg. 1) from the factors
-                return self.flash_attention(x_BTM, rope, key_rope, cache, start_B), cache
-            items = cache
+                return self.flash_attention(x_BTM, rope, key_rope, items, start_B), cache
         else:
             key_rope = rope
-        s = x_BTM.shape[1] if cache is None else jax.tree_util.tree_leaves(cache)[0].shape[1]
+        s = x_BTM.shape[1] if cache is None else jax.tree_util.tree_leaves(items)[0].shape[1]
         f = self.kv_factors(items, key_rope, x_BTM.shape[0], s)
         k_BSHD = contract("k", f["a_k"], f["b_k"], cfg.k_rank)
         v_BSHE = contract("v", f["a_v"], f["b_v"], cfg.v_rank)
