@@ -1,7 +1,7 @@
 """One accelerator benchmark: training throughput, decode against the memory limit, cached prefill.
 
     python bench/accelerator.py --out runs/accelerator      # one GPU or TPU: about 8 minutes
-    python bench/accelerator.py --smoke                     # a tiny form on CPU (under a minute or so)
+    python bench/accelerator.py --smoke                     # a tiny form on CPU (about 20 s)
 
 Runs three parts, each the project's own benchmark in a child process (so that one part running
 out of memory or time, or an attention implementation this backend lacks, is recorded and the
