@@ -92,12 +92,13 @@ def run_in_process(argv: list) -> dict:
     (its progress output is dropped; its return value is the result)."""
     t0 = time.perf_counter()
     path = argv[1]
-    if path not in _MODULES:
-        spec = importlib.util.spec_from_file_location(f"_bench_{os.path.basename(path)[:-3]}", path)
-        _MODULES[path] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(_MODULES[path])
     rec: dict = {"command": argv}
     try:
+        if path not in _MODULES:
+            spec = importlib.util.spec_from_file_location(f"_bench_{os.path.basename(path)[:-3]}", path)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            _MODULES[path] = module
         with contextlib.redirect_stdout(io.StringIO()):
             rec["result"] = _MODULES[path].main(argv[2:])
         rec["status"] = "ok"
