@@ -250,6 +250,12 @@ def test_sharded_forward_matches_single_device(mechanism):
     assert params["embed"]["embedding"].sharding.spec == PartitionSpec("tensor", "fsdp")
 
 
+def test_sharded_forward_matches_single_device_third_order_tpa():
+    """Third-order TPA (its b and c factors pinned under the mesh) also equals one device."""
+    cfg = configs.get("t6-tiny", compute_dtype="float32", tpa_order=3, tpa_c_dim=2)
+    _check_sharded_forward(cfg, mesh_of((2, 2, 2)))
+
+
 @pytest.mark.parametrize("name", ["t6-tiny", "mha-tiny"])
 def test_sharded_forward_with_indivisible_heads(name, caplog, monkeypatch):
     monkeypatch.setattr(parallel, "_LOGGED", set())

@@ -59,6 +59,17 @@ def test_tpa_factors_are_pinned(mechanism, n_a):
     assert len(a) == n_a and len(b) == n_a, found  # A_Q, A_K, A_V (A_K, A_V for KV-only) and their B
 
 
+def test_third_order_tpa_c_factors_are_pinned():
+    cfg = configs.get("t6-tiny", compute_dtype="float32", tpa_order=3, tpa_c_dim=2)
+    found = _constraints(cfg)
+    ranks = (cfg.q_rank, cfg.k_rank, cfg.v_rank)
+    # b [B, T, rank, d_b] and c [B, T, rank, d_c]: batch over (data, fsdp), the rest whole
+    for dim in (cfg.b_dim, cfg.tpa_c_dim):
+        got = sorted(s[2] for s, d in found if len(s) == 4 and s[3] == dim and s[2] in ranks
+                     and d == (BATCH_SPEC, "{}", "{}", "{}"))
+        assert got == sorted(ranks), (dim, found)
+
+
 def test_mla_latents_are_pinned():
     cfg = _cfg("mla")
     found = _constraints(cfg)
@@ -67,7 +78,8 @@ def test_mla_latents_are_pinned():
     assert latents == sorted([cfg.q_lora_rank, cfg.kv_lora_rank]), found
 
 
-@pytest.mark.parametrize("mechanism", ["t6", "gqa", "mla"])
+@pytest.mark.parametrize("mechanism", ["t6", "gqa", "mla"] + [pytest.param(m, marks=pytest.mark.slow)
+                                                               for m in ("t6-kvonly", "mha", "mqa")])
 def test_sharded_gradients_equal_one_device(mechanism):
     cfg = _cfg(mechanism)
     params = tpa_jax.init_params(cfg, jax.random.key(1))

@@ -141,7 +141,8 @@ class TPAttention(nn.Module):
     def _c(self, x_BTM: jax.Array, n: str) -> jax.Array:
         """Third-order c factor of tensor n, [B, T, P|R|U, J]."""
         r = RANK_LETTER[n]
-        return jnp.einsum(f"btm,m{r}j->bt{r}j", x_BTM, cast(self.c_w[n], self.cfg))
+        c = jnp.einsum(f"btm,m{r}j->bt{r}j", x_BTM, cast(self.c_w[n], self.cfg))
+        return constrain(c, ("batch", "length", "rank", "factor_dim"))
 
     @staticmethod
     def vec_bc(n: str, b: jax.Array, c: jax.Array) -> jax.Array:
