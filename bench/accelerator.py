@@ -123,10 +123,8 @@ def summarise(parts: dict, bandwidth) -> dict:
     for impl, rec in parts.get("decode", {}).items():
         for e in rec.get("result", {}).get("entries", []):
             point = {"mechanism": e["mechanism"], "decode_impl": impl, "context": e["context"], "batch": e["batch"],
-                     "per_token_ms": 1e3 * e["per_token_s"], "limit_ms": 1e3 * e["limit_s"] if "limit_s" in e else None,
-                     "x_limit": e.get("x_limit")}
-            step_bytes = e.get("limit_bytes", e["cache_bytes"] + e.get("param_bytes", 0))
-            point["hbm_limit_ms"] = 1e3 * step_bytes / bandwidth if bandwidth else None
+                     "per_token_ms": 1e3 * e["per_token_s"], "limit_ms": 1e3 * e["limit_s"], "x_limit": e["x_limit"],
+                     "hbm_limit_ms": 1e3 * e["limit_bytes"] / bandwidth if bandwidth else None}
             out["decode"].append(point)
     for rec in parts.get("prefill", {}).values():
         entries = rec.get("result", {}).get("prefill", {}).get("entries", [])

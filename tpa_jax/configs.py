@@ -129,15 +129,16 @@ def train_config_names() -> list[str]:
 def _read_config_text(path: Optional[str]) -> tuple[str, str]:
     """(what to call it in errors, JSON text) of a config file path or a packaged config name."""
     name = path or DEFAULT_TRAIN_CONFIG
-    stem = name[: -len(".json")] if name.endswith(".json") else name
     if os.path.isfile(name):
         with open(name) as f:
             return f"config file {name!r}", f.read()
-    if os.path.isdir(name) and stem not in train_config_names():
+    stem, packaged = name[: -len(".json")] if name.endswith(".json") else name, train_config_names()
+    is_name = stem in packaged and "/" not in name and os.sep not in name
+    if os.path.isdir(name) and not is_name:
         raise ValueError(f"config file {name!r} is a directory; expected a JSON file")
-    if "/" in name or os.sep in name or stem not in train_config_names():
+    if not is_name:
         raise FileNotFoundError(f"config {name!r}: no such file, and not a packaged config (packaged: "
-                                f"{', '.join(train_config_names())})")
+                                f"{', '.join(packaged)})")
     text = importlib.resources.files("tpa_jax").joinpath(_PACKAGED, stem + ".json").read_text()
     return f"packaged config {stem!r}", text
 

@@ -25,7 +25,9 @@ from typing import Any, Iterable, Optional, Sequence, Union
 import numpy as np
 
 __all__ = ["Tokenizer", "ByteTokenizer", "TiktokenTokenizer", "HFTokenizer", "load_tokenizer", "tokenizer_identity",
-           "tokenizer_mismatch", "portable_spec"]
+           "tokenizer_mismatch", "portable_spec", "HF_FILE"]
+
+HF_FILE = "tokenizer.json"  # what a portable HF entry (and a run directory's copy) calls its file
 
 
 class Tokenizer:
@@ -228,7 +230,7 @@ def _file_sha256(path: str) -> str:
 def portable_spec(spec: dict) -> dict:
     """A tokenizer manifest entry that does not depend on where its files are: an HF entry gets its
     ``tokenizer.json`` text (``content``; read from ``path``, which must exist unless the entry
-    already carries it) and ``path`` becomes the bare file name; byte and tiktoken entries are
+    already carries it) and ``path`` becomes ``HF_FILE``, the name of a run directory's copy; byte and tiktoken entries are
     returned as they are (they name no file)."""
     if spec.get("kind") != "hf" or "content" in spec:
         return dict(spec)
@@ -241,8 +243,7 @@ def portable_spec(spec: dict) -> dict:
     if spec.get("sha256") not in (None, digest):
         raise ValueError(f"tokenizer file {path} changed since the data was tokenized (sha256 {digest[:12]}... "
                          f"vs the manifest's {spec['sha256'][:12]}...)")
-    return {**spec, "path": os.path.basename(path), "sha256": digest, "name": "hf:" + os.path.basename(path),
-            "content": raw.decode("utf-8")}
+    return {**spec, "path": HF_FILE, "sha256": digest, "name": f"hf:{HF_FILE}", "content": raw.decode("utf-8")}
 
 
 def tokenizer_identity(spec: dict) -> tuple:

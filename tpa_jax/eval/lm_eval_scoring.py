@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..config import ModelConfig
+from ..inference.generate import length_bucket
 from ..model import logits_fn
 
 __all__ = ["MIN_BUCKET", "next_pow2", "bucket", "rolling_windows", "score_rows"]
@@ -30,12 +31,12 @@ Row = Tuple[Sequence[int], Sequence[int]]
 
 def next_pow2(n: int) -> int:
     """The smallest power of two >= ``n`` (1 for ``n <= 1``)."""
-    return 1 << max(0, int(n) - 1).bit_length()
+    return length_bucket(n, 1)
 
 
 def bucket(n: int, max_length: int) -> int:
-    """Padded length of a batch whose longest row has ``n`` tokens."""
-    return min(max_length, max(MIN_BUCKET, next_pow2(n)))
+    """Padded length of a batch whose longest row has ``n`` tokens (generation's length buckets)."""
+    return min(max_length, length_bucket(n, MIN_BUCKET))
 
 
 @functools.lru_cache(maxsize=None)

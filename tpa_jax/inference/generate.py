@@ -62,6 +62,9 @@ def length_bucket(n: int, floor: int, cap: Optional[int] = None) -> int:
 Prompts = Union[Sequence[Sequence[int]], Sequence[int], np.ndarray, jax.Array]
 
 
+_LOWERING_EVENT = "/jax/core/compile/jaxpr_to_mlir_module_duration"  # one per program traced and lowered
+
+
 class CompileCount:
     """How many programs were lowered for compilation while a ``count_compiles`` block ran."""
 
@@ -96,9 +99,6 @@ def count_compiles():
 
             unregister = _monitoring._unregister_event_duration_listener_by_callback
         unregister(listener)
-
-
-_LOWERING_EVENT = "/jax/core/compile/jaxpr_to_mlir_module_duration"
 
 
 def prepare_prompts(prompt_tokens: Prompts, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:

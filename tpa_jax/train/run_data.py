@@ -21,6 +21,7 @@ from typing import Optional
 
 from ..config import TrainConfig
 from ..data import check_compatible, resolve_manifest
+from ..data.tokenizers import HF_FILE
 
 __all__ = ["VOCAB_MULTIPLE", "resolve_data", "save_tokenizer", "used_tokenizer_name"]
 
@@ -32,11 +33,11 @@ def used_tokenizer_name(spec: dict) -> str:
     """How ``data.tokenizer`` names a manifest's tokenizer: ``byte``, ``gpt2``, ``tiktoken:<enc>``,
     or ``hf:tokenizer.json`` (the copy in the run directory)."""
     if spec.get("kind") == "hf":
-        return "hf:tokenizer.json"
+        return f"hf:{HF_FILE}"
     return str(spec.get("name", spec.get("kind")))
 
 
-def resolve_data(tcfg: TrainConfig, *, quiet: bool = False) -> tuple[TrainConfig, dict]:
+def resolve_data(tcfg: TrainConfig) -> tuple[TrainConfig, dict]:
     """(``tcfg`` completed from its data, the manifest); see the module docstring.  Bad input (data
     whose vocabulary exceeds an explicit ``model.vocab_size``, too few tokens, ...) is a one-line
     ValueError."""
@@ -45,9 +46,8 @@ def resolve_data(tcfg: TrainConfig, *, quiet: bool = False) -> tuple[TrainConfig
     if model.vocab_size is None:
         vocab = int(manifest["vocab_size"])
         rounded = -(-vocab // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
-        if not quiet:
-            log.info("model.vocab_size %d: the tokenizer's %d rounded up to a multiple of %d", rounded, vocab,
-                     VOCAB_MULTIPLE)
+        log.info("model.vocab_size %d: the tokenizer's %d rounded up to a multiple of %d", rounded, vocab,
+                 VOCAB_MULTIPLE)
         model = dataclasses.replace(model, vocab_size=rounded)
     elif int(manifest["vocab_size"]) > model.vocab_size:
         raise ValueError(f"model.vocab_size={model.vocab_size} is smaller than the data tokenizer's vocabulary "
@@ -65,7 +65,7 @@ def save_tokenizer(run_dir: str, spec: dict) -> Optional[str]:
     returns its path (None for tokenizers without a file)."""
     if spec.get("kind") != "hf":
         return None
-    path = os.path.join(run_dir, "tokenizer.json")
+    path = os.path.join(run_dir, HF_FILE)
     tmp = path + ".tmp"
     with open(tmp, "wb") as f:
         f.write(spec["content"].encode("utf-8"))  # the original bytes: the same sha256
