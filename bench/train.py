@@ -72,7 +72,7 @@ def build(tcfg: TrainConfig, mesh, tokens):
     tx = optimizer_mod.make_optimizer(tcfg.optim, tcfg.steps)
     replicated = NamedSharding(mesh, PartitionSpec())
     state, state_sh = train_step_mod.init_state(tcfg, mesh, tx)
-    batch_sh = parallel.batch_sharding(mesh, tcfg.batch_size)
+    batch_sh = parallel.batch_sharding(mesh, tcfg.batch_size, seq_len=tcfg.data.seq_len)
     batch = jax.device_put({"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}, batch_sh)
     step_fn = jax.jit(train_step_mod.make_train_step(tcfg, tx, schedule), in_shardings=(state_sh, batch_sh),
                       out_shardings=(state_sh, replicated), donate_argnums=0)

@@ -44,17 +44,21 @@ def padded(spec, ndim):
 
 
 # ------------------------------------------------------------------------------------------ make_mesh
-@pytest.mark.parametrize("args, shape", [((8, 1, 1), (8, 1, 1)), ((2, 2, 2), (2, 2, 2)), ((1, -1, 2), (1, 4, 2)),
-                                         ((-1, 1, 1), (8, 1, 1)), ((2, 2, -1), (2, 2, 2))])
+@pytest.mark.parametrize("args, shape", [((8, 1, 1), (8, 1, 1, 1)), ((2, 2, 2), (2, 2, 1, 2)), ((1, -1, 2), (1, 4, 1, 2)),
+                                         ((-1, 1, 1), (8, 1, 1, 1)), ((2, 2, -1), (2, 2, 1, 2)),
+                                         ((1, 2, 1, 4), (1, 2, 4, 1)), ((2, 1, 2, -1), (2, 1, 2, 2)),
+                                         ((1, 1, 1, -1), (1, 1, 8, 1))])
 def test_make_mesh_shapes(args, shape):
+    """(data, fsdp, tensor[, context]) -> the mesh's (data, fsdp, context, tensor) sizes; -1 fills."""
     mesh = parallel.make_mesh(*args)
-    assert mesh.axis_names == parallel.MESH_AXES == ("data", "fsdp", "tensor")
+    assert mesh.axis_names == parallel.MESH_AXES == ("data", "fsdp", "context", "tensor")
     assert tuple(mesh.shape[a] for a in mesh.axis_names) == shape
     assert mesh.devices.size == 8
     assert all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types)
 
 
-@pytest.mark.parametrize("args", [(3, -1, 1), (2, 2, 1), (4, 4, 1), (-1, -1, 2), (0, 8, 1), (1, 16, 1), (1, 2.0, 4)])
+@pytest.mark.parametrize("args", [(3, -1, 1), (2, 2, 1), (4, 4, 1), (-1, -1, 2), (0, 8, 1), (1, 16, 1), (1, 2.0, 4),
+                                  (1, -1, 1, 3), (1, 1, 1, 0), (1, -1, 1, -1)])
 def test_make_mesh_rejects_bad_shapes(args):
     with pytest.raises(ValueError, match="make_mesh") as exc:
         parallel.make_mesh(*args)
@@ -63,7 +67,7 @@ def test_make_mesh_rejects_bad_shapes(args):
 
 def test_make_mesh_on_a_subset_of_devices():
     mesh = parallel.make_mesh(data=2, fsdp=-1, devices=jax.devices()[:4])
-    assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 1}
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "context": 1, "tensor": 1}
 
 
 # ------------------------------------------------------------------------------------------ the rules
@@ -74,7 +78,7 @@ def test_rule_table_has_every_logical_axis_once():
                           "rank", "latent", "rope_dim", "mlp", "vocab", "layers", "cache_length"}
     # the table is in flax's format too
     with nn.logical_axis_rules(parallel.LOGICAL_AXIS_RULES):
-        assert nn.logical_to_mesh_axes(("batch", "length", "heads")) == PartitionSpec(("data", "fsdp"), None, "tensor")
+        assert nn.logical_to_mesh_axes(("batch", "length", "heads")) == PartitionSpec(("data", "fsdp"), "context", "tensor")
 
 
 def test_every_annotation_names_a_rule():

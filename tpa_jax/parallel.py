@@ -2,6 +2,7 @@
 pytree with logical axes (decode caches).
 
     mesh = tpa_jax.parallel.make_mesh(data=1, fsdp=-1, tensor=2)     # -1: all remaining devices
+    mesh = tpa_jax.parallel.make_mesh(fsdp=2, context=4)             # the sequence split over 4 devices
     params = tpa_jax.parallel.shard_params(model, cfg, mesh, jax.random.key(0), tokens)
     step = jax.jit(train_step, in_shardings=(param_shardings(...), batch_sharding(mesh)), ...)
 
@@ -35,7 +36,7 @@ from .config import MeshConfig, ModelConfig
 
 log = logging.getLogger(__name__)
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "context", "tensor")
 
 # One table.  Choices:
 #  * batch -> (data, fsdp): FSDP is data parallelism with sharded parameters, so the batch is
@@ -54,8 +55,10 @@ MESH_AXES = ("data", "fsdp", "tensor")
 #    column-parallel matmuls into row-parallel ones with an all-reduce of [B, T, H, D].
 #  * layers -> None: nn.scan slices one layer per step; sharding the stacked axis would make each
 #    step fetch a whole layer from one device (a pipeline without a schedule).
-#  * length / cache_length -> None: no sequence/context parallelism (causal softmax is per device);
-#    length is the sequence axis of activations and token batches, cache_length a decode cache's.
+#  * length / cache_length -> context: context parallelism.  length is the sequence axis of
+#    activations and token batches (attention exchanges key/value items over the axis:
+#    model/attention/context.py), cache_length a decode cache's (decoding merges per-shard partial
+#    softmaxes).  With context = 1 (the default) nothing changes.
 Rules = tuple[tuple[str, Any], ...]  # ((logical axis, mesh axis | tuple of mesh axes | None), ...)
 
 LOGICAL_AXIS_RULES: Rules = (
@@ -72,8 +75,8 @@ LOGICAL_AXIS_RULES: Rules = (
     ("latent", None),
     ("rope_dim", None),
     ("layers", None),
-    ("length", None),
-    ("cache_length", None),
+    ("length", "context"),
+    ("cache_length", "context"),
 )
 
 # Activations (inside jit): the residual stream's embed axis stays whole on every device (as in
@@ -90,18 +93,19 @@ def _log_once(msg: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- mesh
-def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Optional[Sequence] = None) -> Mesh:
-    """A ("data", "fsdp", "tensor") mesh with Auto axis types; one size may be -1 (= the rest).
+def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, context: int = 1,
+              devices: Optional[Sequence] = None) -> Mesh:
+    """A ("data", "fsdp", "context", "tensor") mesh with Auto axis types; one size may be -1 (= the rest).
 
     The sizes are validated by ``MeshConfig`` (the one place for that rule); what depends on the
     devices present is checked here."""
     try:
-        MeshConfig(data=data, fsdp=fsdp, tensor=tensor)
+        MeshConfig(data=data, fsdp=fsdp, tensor=tensor, context=context)
     except ValueError as e:
         raise ValueError(f"make_mesh: {e}") from None
     devices = list(jax.devices() if devices is None else devices)
     n = len(devices)
-    sizes = {"data": data, "fsdp": fsdp, "tensor": tensor}
+    sizes = {"data": data, "fsdp": fsdp, "context": context, "tensor": tensor}
     fill = [k for k, v in sizes.items() if v == -1]
     known = math.prod(v for v in sizes.values() if v != -1)
     if fill:
@@ -110,15 +114,15 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Optional[
                              f"{known} does not divide the device count {n}")
         sizes[fill[0]] = n // known
     elif known != n:
-        raise ValueError(f"make_mesh: data*fsdp*tensor = {known} must equal the device count {n} ({sizes})")
+        raise ValueError(f"make_mesh: data*fsdp*context*tensor = {known} must equal the device count {n} ({sizes})")
     shape = tuple(sizes[a] for a in MESH_AXES)
     return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
 
 
 def mesh_from_config(mesh_cfg: Any, devices: Optional[Sequence] = None) -> Mesh:
-    """Mesh from any object with ``data`` / ``fsdp`` / ``tensor`` attributes (e.g. a MeshConfig)."""
-    return make_mesh(getattr(mesh_cfg, "data", 1), getattr(mesh_cfg, "fsdp", -1),
-                     getattr(mesh_cfg, "tensor", 1), devices=devices)
+    """Mesh from any object with ``data`` / ``fsdp`` / ``tensor`` / ``context`` attributes (e.g. a MeshConfig)."""
+    return make_mesh(getattr(mesh_cfg, "data", 1), getattr(mesh_cfg, "fsdp", -1), getattr(mesh_cfg, "tensor", 1),
+                     getattr(mesh_cfg, "context", 1), devices=devices)
 
 
 # ---------------------------------------------------------------------------------------------- rules
@@ -190,6 +194,10 @@ def constrain(x: jax.Array, logical_axes: Sequence[Optional[str]]) -> jax.Array:
     if mesh.empty or mesh.size == 1:
         return x
     spec = logical_to_spec(logical_axes, x.shape, mesh, ACTIVATION_RULES, log_fallbacks=False)
+    manual = {a for a, kind in zip(mesh.axis_names, mesh.axis_types) if kind == AxisType.Manual}
+    if manual:  # inside shard_map (e.g. context-parallel attention): only the automatic axes remain
+        keep = lambda axes: tuple(a for a in ((axes,) if isinstance(axes, str) else axes) if a not in manual)
+        spec = PartitionSpec(*[None if d is None else (keep(d) or None) for d in spec])
     return jax.lax.with_sharding_constraint(x, spec)
 
 
@@ -247,8 +255,10 @@ def shard_params(model: nn.Module, cfg: ModelConfig, mesh: Mesh, rng: jax.Array,
     return jax.jit(lambda key: unbox(init(key)), out_shardings=shardings)(rng)
 
 
-def batch_sharding(mesh: Mesh, batch_size: Optional[int] = None, rules: Rules = LOGICAL_AXIS_RULES) -> NamedSharding:
-    """Sharding of [B, T] token batches: B over the batch rule's mesh axes, T replicated.
+def batch_sharding(mesh: Mesh, batch_size: Optional[int] = None, rules: Rules = LOGICAL_AXIS_RULES,
+                   seq_len: int = 1) -> NamedSharding:
+    """Sharding of [B, T] token batches: B over the batch rule's mesh axes; T over ``context`` when
+    ``seq_len`` (T) is given, else replicated.
 
     With ``batch_size`` given, the divisibility fallback applies (e.g. batch 2 on data=2, fsdp=4).
     """
@@ -257,7 +267,7 @@ def batch_sharding(mesh: Mesh, batch_size: Optional[int] = None, rules: Rules = 
         if not axes:
             return NamedSharding(mesh, PartitionSpec())
         return NamedSharding(mesh, PartitionSpec(axes[0] if len(axes) == 1 else axes))
-    return logical_to_sharding(("batch", "length"), (batch_size, 1), mesh, rules)
+    return logical_to_sharding(("batch", "length"), (batch_size, seq_len), mesh, rules)
 
 
 def tree_shardings(logical_axes_tree: Any, abstract_tree: Any, mesh: Mesh, rules: Rules = LOGICAL_AXIS_RULES) -> Any:

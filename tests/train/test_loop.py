@@ -74,6 +74,16 @@ def test_data_fsdp_tensor_mesh(tmp_path, corpus, straight):
     assert len(jax.tree_util.tree_leaves(out["state"]["params"])[1].sharding.device_set) == 8
 
 
+def test_context_parallel_mesh(tmp_path, corpus, straight):
+    """Training with the sequence split over 4 devices (context 4 x fsdp 2, ring attention over
+    striped shards) gives the 8-device fsdp run's losses; its evaluation runs on the same mesh."""
+    cfg = make_cfg(tmp_path, corpus, steps=STEPS, mesh=MeshConfig(1, 2, 1, context=4), eval_every=3, eval_batches=1)
+    train(cfg, progress=False, stop_at_step=3)
+    np.testing.assert_allclose([losses(straight[0])[s] for s in (1, 2, 3)], [losses(tmp_path)[s] for s in (1, 2, 3)],
+                               rtol=1e-5)
+    assert any("val_loss" in r for r in read_metrics(tmp_path))
+
+
 def test_restore_onto_a_different_mesh(tmp_path, corpus, straight):
     train(make_cfg(tmp_path, corpus, steps=STEPS, mesh=MeshConfig(1, 8, 1), save_every=100), progress=False,
           stop_at_step=8)

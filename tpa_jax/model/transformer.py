@@ -26,6 +26,7 @@ from .. import parallel
 from ..parallel import constrain
 from ..config import ModelConfig
 from .attention import AttentionMask, attention_class
+from .attention.context import check_divides, context_size, stripe, unstripe
 from .attention.core import LayerCache
 from .layers import Embedding, RMSNorm, SwiGLU
 from .rope import Rope, rope_tables
@@ -102,8 +103,15 @@ class Transformer(nn.Module):
         tables = functools.partial(rope_tables, dim=cfg.rope_dim, theta=cfg.rope_theta, bf16_round=cfg.rope_bf16_tables)
         index_T = jnp.arange(t, dtype=jnp.int32)
         if cache is None:
-            rope = tables(index_T[None, :] if positions is None else positions)
-            x_BTM, _ = self.blocks(x_BTM, rope, None, AttentionMask(), None, None)
+            positions = index_T[None, :] if positions is None else jnp.asarray(positions)
+            c = context_size()
+            striped = c > 1 and cfg.context_layout == "striped"
+            if c > 1:
+                check_divides(t, c)
+            if striped:  # every context shard holds every C-th token (context.py); undone before the head
+                x_BTM, positions = stripe(x_BTM, c), stripe(positions, c, axis=positions.ndim - 1)
+            x_BTM, _ = self.blocks(x_BTM, tables(positions), None, AttentionMask(), None, None)
+            x_BTM = unstripe(x_BTM, c) if striped else x_BTM
             return self.embed.attend(self.final_norm(x_BTM))
         lengths_B = cache["lengths"]
         max_len = jax.tree_util.tree_leaves(cache["layers"])[0].shape[2]

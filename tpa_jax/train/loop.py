@@ -181,7 +181,7 @@ def _train(tcfg: TrainConfig, manifest: dict, tokenizer: Tokenizer, tokenizer_sp
     state, state_sh = init_state(tcfg, mesh, tx)
     param_sh = state_sh["params"]
     replicated = NamedSharding(mesh, PartitionSpec())
-    batch_sh = parallel.batch_sharding(mesh, tcfg.batch_size)
+    batch_sh = parallel.batch_sharding(mesh, tcfg.batch_size, seq_len=seq)
     local_batch = tcfg.batch_size // jax.process_count()
 
     iterator = make_iterator(manifest, "train", seq, tcfg.batch_size, tcfg.seed,
@@ -201,7 +201,7 @@ def _train(tcfg: TrainConfig, manifest: dict, tokenizer: Tokenizer, tokenizer_sp
 
     step_fn = jax.jit(make_train_step(tcfg, tx, schedule), in_shardings=(state_sh, batch_sh),
                       out_shardings=(state_sh, replicated), donate_argnums=0)
-    eval_sh = parallel.batch_sharding(mesh, tcfg.batch_size // tcfg.optim.accum_steps)
+    eval_sh = parallel.batch_sharding(mesh, tcfg.batch_size // tcfg.optim.accum_steps, seq_len=seq)
     eval_step = make_recall_eval_step(cfg) if is_recall_manifest(manifest) else make_eval_step(cfg)
     eval_fn = jax.jit(eval_step, in_shardings=(param_sh, eval_sh), out_shardings=replicated)
 

@@ -40,7 +40,7 @@ from jax import lax
 
 from .core import attention_mask
 
-__all__ = ["blocked_attention", "block_counts"]
+__all__ = ["blocked_attention", "blocked_attention_lse", "block_counts"]
 
 _F32 = jnp.float32
 
@@ -82,6 +82,20 @@ def _to_tiles(q_BTHD, k_BSKD, v_BSKE, q_pos_BT, kv_len_B, tq: int) -> _Tiled:
         q_pos_BT = jnp.pad(q_pos_BT, ((0, 0), (0, pad)), constant_values=-1)
     return _Tiled(_tile_rows(q_BTHD, k_BSKD.shape[2], tq), k_BSKD.transpose(0, 2, 1, 3),
                   v_BSKE.transpose(0, 2, 1, 3), q_pos_BT.reshape(b, -1, tq).swapaxes(0, 1), kv_len_B)
+
+
+def _varying_axes(a: jax.Array) -> frozenset:
+    """The manual mesh axes ``a`` varies over inside ``shard_map`` (empty outside)."""
+    aval = jax.typeof(a)
+    manual = getattr(aval, "manual_axis_type", None)  # jax >= 0.10; earlier releases: aval.vma
+    return frozenset(manual.varying) if manual is not None else frozenset(getattr(aval, "vma", ()))
+
+
+def _varying(x: _Tiled, *inits: jax.Array) -> tuple[jax.Array, ...]:
+    """``inits`` (a loop's initial carry) marked as varying over the manual mesh axes the inputs vary
+    over, so that the loops type-check inside ``shard_map`` (context-parallel attention)."""
+    vma = frozenset().union(*(_varying_axes(a) for a in x))
+    return tuple(lax.pcast(a, tuple(sorted(vma)), to="varying") for a in inits) if vma else inits
 
 
 def _reach(pos_BT: jax.Array, kv_len_B: jax.Array, s: int) -> jax.Array:
@@ -130,8 +144,8 @@ def _forward(x: _Tiled, g: int, scale: float, bk: int):
             return m_new, alpha_BKT * l_BKT + p_BKTS.sum(-1), alpha_BKT[..., None] * acc_BKTE + pv_BKTE
 
         n_blocks = _cdiv(_reach(pos_BT, x.kv_len_B, s), bk)
-        init = (jnp.full((b, kv, rows), -jnp.inf, _F32), jnp.zeros((b, kv, rows), _F32),
-                jnp.zeros((b, kv, rows, e), _F32))
+        init = _varying(x, jnp.full((b, kv, rows), -jnp.inf, _F32), jnp.zeros((b, kv, rows), _F32),
+                        jnp.zeros((b, kv, rows, e), _F32))
         m_BKT, l_BKT, acc_BKTE = lax.fori_loop(0, n_blocks, body, init)
         seen = l_BKT > 0
         o_BKTE = jnp.where(seen[..., None], acc_BKTE / jnp.where(seen, l_BKT, 1.0)[..., None], 0.0)
@@ -142,12 +156,15 @@ def _forward(x: _Tiled, g: int, scale: float, bk: int):
 
 
 def _backward(x: _Tiled, o_QBKTE: jax.Array, lse_QBKT: jax.Array, do_QBKTE: jax.Array, g: int, scale: float,
-              bk: int):
+              bk: int, dlse_QBKT=None):
     """(dq [Q, B, K, tq G, D], dk [B, K, S, D], dv [B, K, S, E], all float32; [query tile, key block]
-    pairs computed)."""
+    pairs computed).  ``dlse_QBKT``: the cotangent of the log-sum-exp output, when it has one
+    (d lse / d z = p, so it enters as ``delta - dlse``)."""
     s = x.k_BKSD.shape[2]
     n_q = x.q_QBKTD.shape[0]
     delta_QBKT = jnp.sum(do_QBKTE.astype(_F32) * o_QBKTE, axis=-1)
+    if dlse_QBKT is not None:
+        delta_QBKT = delta_QBKT - jnp.where(jnp.isfinite(lse_QBKT), dlse_QBKT.astype(_F32), 0.0)
     lse_QBKT = jnp.where(jnp.isfinite(lse_QBKT), lse_QBKT, 0.0)  # rows that saw nothing: every p is 0
     tile_reach_Q = jnp.max(x.pos_QBT, axis=(1, 2)) + 1  # keys below this may be visible to tile i
 
@@ -170,7 +187,8 @@ def _backward(x: _Tiled, o_QBKTE: jax.Array, lse_QBKT: jax.Array, do_QBKTE: jax.
             return dq_QBKTD.at[i].add(dq_BKTD), dk_BKSD_j, dv_BKSE_j
 
         first = jnp.sum(tile_reach_Q <= j * bk)  # tiles before this one see no key of block j
-        zeros = (jnp.zeros((b, kv, bk, x.k_BKSD.shape[-1]), _F32), jnp.zeros((b, kv, bk, x.v_BKSE.shape[-1]), _F32))
+        zeros = _varying(x, jnp.zeros((b, kv, bk, x.k_BKSD.shape[-1]), _F32),
+                         jnp.zeros((b, kv, bk, x.v_BKSE.shape[-1]), _F32))
         dq_QBKTD, dk_j, dv_j = lax.fori_loop(first, n_q, query_tile, (dq_QBKTD, *zeros))
         start = jnp.minimum(j * bk, s - bk)  # the clamped last block: shared keys got exact zeros
         add = lambda buf, new: lax.dynamic_update_slice_in_dim(
@@ -178,8 +196,8 @@ def _backward(x: _Tiled, o_QBKTE: jax.Array, lse_QBKT: jax.Array, do_QBKTE: jax.
         return dq_QBKTD, add(dk_BKSD, dk_j), add(dv_BKSE, dv_j), count + n_q - first
 
     n_blocks = _cdiv(_reach(x.pos_QBT, x.kv_len_B, s), bk)
-    init = (jnp.zeros(x.q_QBKTD.shape, _F32), jnp.zeros(x.k_BKSD.shape, _F32), jnp.zeros(x.v_BKSE.shape, _F32),
-            jnp.zeros((), jnp.int32))
+    init = _varying(x, jnp.zeros(x.q_QBKTD.shape, _F32), jnp.zeros(x.k_BKSD.shape, _F32),
+                    jnp.zeros(x.v_BKSE.shape, _F32), jnp.zeros((), jnp.int32))
     return lax.fori_loop(0, n_blocks, key_block, init)
 
 
@@ -202,13 +220,13 @@ def _blocked_fwd(q_BTHD, k_BSKD, v_BSKE, q_pos_BT, kv_len_B, scale, block_size):
     return o_BTHE, (q_BTHD, k_BSKD, v_BSKE, q_pos_BT, kv_len_B, o_QBKTE, lse_QBKT)
 
 
-def _blocked_bwd(scale, block_size, res, do_BTHE):
+def _blocked_bwd(scale, block_size, res, do_BTHE, dlse_QBKT=None):
     q_BTHD, k_BSKD, v_BSKE, q_pos_BT, kv_len_B, o_QBKTE, lse_QBKT = res
     g, tq, bk = _sizes(q_BTHD, k_BSKD, block_size)
     x = _to_tiles(q_BTHD, k_BSKD, v_BSKE, q_pos_BT, kv_len_B, tq)
     t_pad = x.pos_QBT.shape[0] * tq - q_BTHD.shape[1]
     do_QBKTE = _tile_rows(jnp.pad(do_BTHE, ((0, 0), (0, t_pad), (0, 0), (0, 0))), k_BSKD.shape[2], tq)
-    dq_QBKTD, dk_BKSD, dv_BKSE, _ = _backward(x, o_QBKTE, lse_QBKT, do_QBKTE, g, scale, bk)
+    dq_QBKTD, dk_BKSD, dv_BKSE, _ = _backward(x, o_QBKTE, lse_QBKT, do_QBKTE, g, scale, bk, dlse_QBKT)
     dq_BTHD = _untile_rows(dq_QBKTD, g, q_BTHD.shape[1]).astype(q_BTHD.dtype)
     return (dq_BTHD, dk_BKSD.transpose(0, 2, 1, 3).astype(k_BSKD.dtype),
             dv_BKSE.transpose(0, 2, 1, 3).astype(v_BSKE.dtype), None, None)
@@ -217,24 +235,63 @@ def _blocked_bwd(scale, block_size, res, do_BTHE):
 _blocked.defvjp(_blocked_fwd, _blocked_bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _blocked_lse(q_BTHD, k_BSKD, v_BSKE, q_pos_BT, kv_len_B, scale: float, block_size: int):
+    return _blocked_lse_fwd(q_BTHD, k_BSKD, v_BSKE, q_pos_BT, kv_len_B, scale, block_size)[0]
+
+
+def _blocked_lse_fwd(q_BTHD, k_BSKD, v_BSKE, q_pos_BT, kv_len_B, scale, block_size):
+    g, tq, bk = _sizes(q_BTHD, k_BSKD, block_size)
+    x = _to_tiles(q_BTHD, k_BSKD, v_BSKE, q_pos_BT, kv_len_B, tq)
+    o_QBKTE, lse_QBKT, _ = _forward(x, g, scale, bk)
+    t = q_BTHD.shape[1]
+    out = (_untile_rows(o_QBKTE, g, t), _untile_rows(lse_QBKT[..., None], g, t)[..., 0])
+    return out, (q_BTHD, k_BSKD, v_BSKE, q_pos_BT, kv_len_B, o_QBKTE, lse_QBKT)
+
+
+def _blocked_lse_bwd(scale, block_size, res, cotangents):
+    do_BTHE, dlse_BTH = cotangents
+    q_BTHD, k_BSKD, lse_QBKT = res[0], res[1], res[6]
+    tq = _sizes(q_BTHD, k_BSKD, block_size)[1]
+    pad = lse_QBKT.shape[0] * tq - q_BTHD.shape[1]
+    dlse_QBKT = _tile_rows(jnp.pad(dlse_BTH, ((0, 0), (0, pad), (0, 0)))[..., None], k_BSKD.shape[2], tq)[..., 0]
+    return _blocked_bwd(scale, block_size, res, do_BTHE, dlse_QBKT)
+
+
+_blocked_lse.defvjp(_blocked_lse_fwd, _blocked_lse_bwd)
+
+
+def _mask_args(q_BTHD: jax.Array, q_positions_BT: jax.Array, kv_lengths_B: jax.Array) -> tuple[jax.Array, jax.Array]:
+    b, t = q_BTHD.shape[:2]
+    return (jnp.broadcast_to(jnp.asarray(q_positions_BT, jnp.int32), (b, t)),
+            jnp.broadcast_to(jnp.asarray(kv_lengths_B, jnp.int32), (b,)))
+
+
 def blocked_attention(q_BTHD: jax.Array, k_BSKD: jax.Array, v_BSKE: jax.Array, q_positions_BT: jax.Array,
                       kv_lengths_B: jax.Array, *, scale: float, block_size: int = 512) -> jax.Array:
     """softmax(scale q k^T, masked) v -> [B, T, H, E] like :func:`core.attend`, with the mask given
     compactly (``q_positions_BT`` int [B, T], ``kv_lengths_B`` int [B], keys at 0..S-1) and
     ``block_size`` queries per tile and keys per block.  A query that sees no key gives 0."""
-    b, t = q_BTHD.shape[:2]
-    q_pos_BT = jnp.broadcast_to(jnp.asarray(q_positions_BT, jnp.int32), (b, t))
-    kv_len_B = jnp.broadcast_to(jnp.asarray(kv_lengths_B, jnp.int32), (b,))
+    q_pos_BT, kv_len_B = _mask_args(q_BTHD, q_positions_BT, kv_lengths_B)
     return _blocked(q_BTHD, k_BSKD, v_BSKE, q_pos_BT, kv_len_B, float(scale), int(block_size))
+
+
+def blocked_attention_lse(q_BTHD: jax.Array, k_BSKD: jax.Array, v_BSKE: jax.Array, q_positions_BT: jax.Array,
+                          kv_lengths_B: jax.Array, *, scale: float, block_size: int = 512
+                          ) -> tuple[jax.Array, jax.Array]:
+    """:func:`blocked_attention` that also returns each query row's log-sum-exp of its visible
+    logits: (o [B, T, H, E] float32, lse [B, T, H] float32; -inf and o = 0 for a row that sees no
+    key), both differentiable -- what merging attention over disjoint key sets needs
+    (context-parallel rings: o = sum_i exp(lse_i - lse) o_i with lse = logsumexp_i lse_i)."""
+    q_pos_BT, kv_len_B = _mask_args(q_BTHD, q_positions_BT, kv_lengths_B)
+    return _blocked_lse(q_BTHD, k_BSKD, v_BSKE, q_pos_BT, kv_len_B, float(scale), int(block_size))
 
 
 def block_counts(q_BTHD: jax.Array, k_BSKD: jax.Array, v_BSKE: jax.Array, q_positions_BT: jax.Array,
                  kv_lengths_B: jax.Array, *, block_size: int) -> tuple[int, int]:
     """How many [query tile, key block] pairs the forward and the backward pass compute for these
     shapes and mask (the loops' own counters; for tests of the block skipping)."""
-    b, t = q_BTHD.shape[:2]
-    q_pos_BT = jnp.broadcast_to(jnp.asarray(q_positions_BT, jnp.int32), (b, t))
-    kv_len_B = jnp.broadcast_to(jnp.asarray(kv_lengths_B, jnp.int32), (b,))
+    q_pos_BT, kv_len_B = _mask_args(q_BTHD, q_positions_BT, kv_lengths_B)
     g, tq, bk = _sizes(q_BTHD, k_BSKD, block_size)
     x = _to_tiles(q_BTHD, k_BSKD, v_BSKE, q_pos_BT, kv_len_B, tq)
     o_QBKTE, lse_QBKT, fwd_Q = _forward(x, g, 1.0, bk)

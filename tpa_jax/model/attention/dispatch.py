@@ -22,7 +22,9 @@ import jax.numpy as jnp
 
 from ...config import ATTENTION_IMPLS
 from ...parallel import constrain
+from ..rope import Rope
 from .blocked import blocked_attention
+from .context import context_attention, context_size
 from .core import AttentionMask, attend
 
 log = logging.getLogger(__name__)
@@ -128,3 +130,30 @@ def attention_of(cfg, q_BTHD: jax.Array, k_BSKD: jax.Array, v_BSKE: jax.Array, m
     o_BTHE = attention(q_BTHD, k_BSKD, v_BSKE, scale=cfg.attn_scale, mask=mask, impl=cfg.attention_impl,
                        block_size=cfg.attention_block_size)
     return constrain(o_BTHE, ("batch", "length", "heads", "value_dim"))
+
+
+def attention_items(cfg, q_BTHD: jax.Array, items: dict[str, jax.Array], keys_values, key_rope: Rope,
+                    mask: AttentionMask, key_rope_travels: bool = False) -> jax.Array:
+    """Attention of queries against the keys and values of per-token ``items`` (what the mechanism
+    caches), ``keys_values(items, key_rope, batch, length) -> (k, v)`` expanding them.
+
+    The full forward under a mesh with ``context`` > 1 runs context-parallel
+    (:func:`context.context_attention`): the devices exchange the items, not K and V.  When the
+    expansion needs the keys' RoPE tables (``key_rope_travels``: TPA's unrotated shared or constant
+    B factors), the tables travel with the items.  Everything else is :func:`attention_of` of the
+    expanded K and V."""
+    batch = q_BTHD.shape[0]
+    if mask.is_causal and context_size() > 1:
+        if key_rope_travels:
+            items = {**items, "key_rope_cos": key_rope[0], "key_rope_sin": key_rope[1]}
+
+        def expand(block: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+            block = dict(block)
+            rope = (block.pop("key_rope_cos"), block.pop("key_rope_sin")) if key_rope_travels else None
+            return keys_values(block, rope, batch, jax.tree_util.tree_leaves(block if block else rope)[0].shape[1])
+
+        o_BTHE = context_attention(cfg, q_BTHD, items, expand)
+        return constrain(o_BTHE, ("batch", "length", "heads", "value_dim"))
+    length = jax.tree_util.tree_leaves(items)[0].shape[1] if items else key_rope[0].shape[-2]
+    k_BSKD, v_BSKE = keys_values(items, key_rope, batch, length)
+    return attention_of(cfg, q_BTHD, k_BSKD, v_BSKE, mask)

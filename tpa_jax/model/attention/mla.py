@@ -23,7 +23,8 @@ from ...parallel import constrain
 from ..layers import RMSNorm, cast, fan_in_init, param
 from ..rope import Rope, apply_rope
 from .core import AttentionMask, CacheLeaf, output_params, project_out, read_cache, write_cache
-from .dispatch import attention_of
+from .context import varying
+from .dispatch import attention_items
 
 LATENT = ("batch", "length", "latent")  # the logical layout of the q and kv latents under a mesh
 
@@ -55,7 +56,7 @@ class MLAttention(nn.Module):
         self.w_o, self.out_norm = output_params(self)
 
     def _w(self, name: str) -> jax.Array:
-        return cast(getattr(self, name), self.cfg)
+        return cast(varying(getattr(self, name)), self.cfg)
 
     def queries(self, x_BTM: jax.Array, rope: Rope) -> tuple[jax.Array, jax.Array]:
         """q_C [B, T, H, D] and the RoPE'd q_R [B, T, H, F], both from the normed c_Q [B, T, C]."""
@@ -104,11 +105,15 @@ class MLAttention(nn.Module):
         if cache is not None and x_BTM.shape[1] == 1 and cfg.decode_impl != "materialize":
             o_BTHE = self.absorbed_attention(q_c_BTHD, q_r_BTHF, items, mask.dense(1, items["c_kv"].shape[1]))
             return project_out(cfg, o_BTHE, self.w_o, self.out_norm), cache
+        # attend's head dim is the query/key dim d_h + d^R_h here
+        q_BTHD = jnp.concatenate([q_c_BTHD, q_r_BTHF], axis=-1)
+        o_BTHE = attention_items(cfg, q_BTHD, items, self.keys_values, key_rope, mask)
+        return project_out(cfg, o_BTHE, self.w_o, self.out_norm), cache
+
+    def keys_values(self, items: dict[str, jax.Array], key_rope: Optional[Rope] = None, batch: int = 0,
+                    length: int = 0) -> tuple[jax.Array, jax.Array]:
+        """K [B, S, H, d_h + d^R_h] (up-projected c_KV beside the shared k_R) and V [B, S, H, E]."""
         k_c_BSHD = jnp.einsum("bsc,chd->bshd", items["c_kv"], self._w("w_uk"))
         v_BSHE = jnp.einsum("bsc,che->bshe", items["c_kv"], self._w("w_uv"))
         k_r_BSHF = jnp.broadcast_to(items["k_r"][:, :, None, :], k_c_BSHD.shape[:3] + items["k_r"].shape[-1:])
-        # attend's head dim is the query/key dim d_h + d^R_h here
-        q_BTHD = jnp.concatenate([q_c_BTHD, q_r_BTHF], axis=-1)
-        k_BSHD = jnp.concatenate([k_c_BSHD, k_r_BSHF], axis=-1)
-        o_BTHE = attention_of(cfg, q_BTHD, k_BSHD, v_BSHE, mask)
-        return project_out(cfg, o_BTHE, self.w_o, self.out_norm), cache
+        return jnp.concatenate([k_c_BSHD, k_r_BSHF], axis=-1), v_BSHE

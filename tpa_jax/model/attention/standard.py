@@ -13,7 +13,7 @@ from ..layers import cast, fan_in_init, param
 from ..rope import Rope, apply_rope
 from .core import (AttentionMask, CacheLeaf, attend_one, filled_BS, output_params, project_out, read_cache,
                    write_cache)
-from .dispatch import attention_of
+from .dispatch import attention_items
 
 
 class StandardAttention(nn.Module):
@@ -70,5 +70,11 @@ class StandardAttention(nn.Module):
         if cache is not None:
             cache = write_cache(cache, items, start_B)
             items = read_cache(cache)
-        o_BTHE = attention_of(cfg, self.query(x_BTM, rope), items["k"], items["v"], mask)
+        o_BTHE = attention_items(cfg, self.query(x_BTM, rope), items, self.keys_values, key_rope, mask)
         return project_out(cfg, o_BTHE, self.w_o, self.out_norm), cache
+
+    @staticmethod
+    def keys_values(items: dict[str, jax.Array], key_rope: Optional[Rope] = None, batch: int = 0,
+                    length: int = 0) -> tuple[jax.Array, jax.Array]:
+        """The cached K and V as they are."""
+        return items["k"], items["v"]

@@ -33,8 +33,9 @@ from ...parallel import constrain
 from ..layers import cast, param, uniform_init
 from ..rope import Rope, apply_rope
 from . import flashtpa
+from .context import varying
 from .core import AttentionMask, CacheLeaf, output_params, project_out, read_cache, write_cache
-from .dispatch import attention_of
+from .dispatch import attention_items
 from .kernels import flashtpa_decode_pallas
 
 RANK_LETTER = {"q": "p", "k": "r", "v": "u"}  # P = R_Q, R = R_K, U = R_V
@@ -187,10 +188,10 @@ class TPAttention(nn.Module):
             if cfg.contextual_a:
                 f[f"a_{n}"] = items[f"a_{n}"]
             else:
-                w = self._act(cast(self.a_w[n], cfg))
+                w = self._act(cast(varying(self.a_w[n]), cfg))  # varying: see context.varying
                 f[f"a_{n}"] = jnp.broadcast_to(w[None, None], (batch, length) + w.shape)
             if not cfg.contextual_b:  # learned constant (one shared by K and V with shared_kv_b)
-                w = cast(self.b_w["k" if cfg.shared_kv_b else n], cfg)
+                w = cast(varying(self.b_w["k" if cfg.shared_kv_b else n]), cfg)
                 b = jnp.broadcast_to(w[None, None], (batch, length) + w.shape)
             else:
                 b = items["b_kv"] if cfg.shared_kv_b else items[f"b_{n}"]
@@ -271,9 +272,13 @@ class TPAttention(nn.Module):
                 return self.flash_attention(x_BTM, rope, key_rope, items, start_B), cache
         else:
             key_rope = rope
-        s = x_BTM.shape[1] if cache is None else jax.tree_util.tree_leaves(items)[0].shape[1]
-        f = self.kv_factors(items, key_rope, x_BTM.shape[0], s)
-        k_BSHD = contract("k", f["a_k"], f["b_k"], cfg.k_rank)
-        v_BSHE = contract("v", f["a_v"], f["b_v"], cfg.v_rank)
-        o_BTHE = attention_of(cfg, self.query(x_BTM, rope), k_BSHD, v_BSHE, mask)
+        o_BTHE = attention_items(cfg, self.query(x_BTM, rope), items, self.keys_values, key_rope, mask,
+                                 key_rope_travels=cfg.shared_kv_b or not cfg.contextual_b)
         return project_out(cfg, o_BTHE, self.w_o, self.out_norm), cache
+
+    def keys_values(self, items: dict[str, jax.Array], key_rope: Rope, batch: int, length: int
+                    ) -> tuple[jax.Array, jax.Array]:
+        """K [B, S, H, D] and V [B, S, H, E] of ``length`` keys rebuilt from their cached items (eq. 3.1)."""
+        cfg = self.cfg
+        f = self.kv_factors(items, key_rope, batch, length)
+        return contract("k", f["a_k"], f["b_k"], cfg.k_rank), contract("v", f["a_v"], f["b_v"], cfg.v_rank)
