@@ -21,8 +21,9 @@ all-reduce, which is not counted anyway, drop out).  ``bytes_per_token_per_layer
 difference over the T / C tokens a device holds; ``ratio_to_mha`` divides by MHA's, same run.
 Table 1's cache ratio (what the ring passes on per token, TPA against MHA) is printed beside it.
 
-**Memory.**  The per-device ``temp_size_in_bytes`` of the t6 training step at batch 1, T =
-``--seq-len``, on meshes of context 1, 2, 4 and 8 devices (``--memory-contexts``).
+**Memory.**  The per-device ``temp_size_in_bytes`` of the t6 training step and prefill at batch 1,
+T = ``--memory-seq-len`` (default ``--seq-len``), on meshes of context 1, 2, 4 and 8 devices
+(``--memory-contexts``).
 """
 from __future__ import annotations
 
@@ -106,16 +107,17 @@ def layer_traffic(cfg, c: int, batch: int, seq_len: int, training: bool) -> dict
             "compile_s": round(time.perf_counter() - t0, 1)}
 
 
-def step_temp_memory(cfg, c: int, seq_len: int) -> int:
-    """Per-device temp bytes of the training step (loss and gradients) at batch 1 on ``c`` devices."""
+def temp_memory(cfg, c: int, seq_len: int) -> dict[str, int]:
+    """Per-device temp bytes of the training step (loss and gradients) and of the prefill (the full
+    forward) at batch 1 on ``c`` devices."""
     mesh = parallel.make_mesh(1, 1, 1, c, devices=jax.devices()[:c])
     params = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
-    tokens = jax.ShapeDtypeStruct((1, seq_len), jnp.int32)
     with parallel.mesh_context(mesh):
-        shard = parallel.batch_sharding(mesh, 1, seq_len=seq_len)
-        tokens = jax.ShapeDtypeStruct(tokens.shape, tokens.dtype, sharding=shard)
-        compiled = jax.jit(jax.grad(loss_fn(cfg))).lower(params, tokens, tokens).compile()
-    return int(compiled.memory_analysis().temp_size_in_bytes)
+        tokens = jax.ShapeDtypeStruct((1, seq_len), jnp.int32, sharding=parallel.batch_sharding(mesh, 1, seq_len=seq_len))
+        train = jax.jit(jax.grad(loss_fn(cfg))).lower(params, tokens, tokens).compile()
+        prefill = jax.jit(logits_fn(cfg)).lower(params, tokens).compile()
+    return {"train_step": int(train.memory_analysis().temp_size_in_bytes),
+            "prefill": int(prefill.memory_analysis().temp_size_in_bytes)}
 
 
 def model_config(name: str, size: str, args) -> "configs.ModelConfig":
@@ -171,7 +173,8 @@ def main(argv=None) -> dict:
     if contexts:
         mem_t = args.memory_seq_len or args.seq_len
         cfg = dataclasses.replace(model_config("t6", args.size, args), max_seq_len=mem_t)
-        memory = {str(c): step_temp_memory(cfg, c, mem_t) for c in contexts if c <= len(jax.devices())}
+        per_c = {str(c): temp_memory(cfg, c, mem_t) for c in contexts if c <= len(jax.devices())}
+        memory = {kind: {c: m[kind] for c, m in per_c.items()} for kind in ("train_step", "prefill")}
     out = {
         "benchmark": "context_parallel",
         "config": {"size": args.size, "seq_len": args.seq_len, "context": args.context, "n_layer": args.n_layer,
@@ -184,7 +187,8 @@ def main(argv=None) -> dict:
         "cache_elems_per_token_per_layer": items,
         "cache_ratio_to_mha": {n: round(v / items[BASELINE], 4) for n, v in items.items()},
         "temp_bytes_per_device": memory,
-        "memory_ratio_to_context_1": {c: round(v / memory[min(memory, key=int)], 4) for c, v in memory.items()},
+        "memory_ratio_to_context_1": {kind: {c: round(v / m[min(m, key=int)], 4) for c, v in m.items()}
+                                      for kind, m in memory.items()},
     }
     print(json.dumps(out, indent=1))
     return out

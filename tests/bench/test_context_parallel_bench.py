@@ -38,8 +38,8 @@ def test_hlo_bytes_are_the_cached_items(smoke):
 
 
 def test_memory_per_device_shrinks_with_context(smoke):
-    mem = smoke["temp_bytes_per_device"]
-    assert set(mem) == {"1", "2"} and mem["2"] < 0.75 * mem["1"], mem
+    for kind, mem in smoke["temp_bytes_per_device"].items():
+        assert set(mem) == {"1", "2"} and mem["2"] < 0.8 * mem["1"], (kind, mem)
 
 
 def test_received_bytes_parser():

@@ -41,16 +41,30 @@ def cache_logical_axes(cfg: ModelConfig) -> dict[str, Any]:
             "layers": {name: ("layers", "batch", "cache_length") + leaf.axes for name, leaf in cache_spec(cfg).items()}}
 
 
-def init_cache(cfg: ModelConfig, batch_size: int, max_len: int, dtype: Optional[str | jnp.dtype] = None) -> Cache:
-    """An empty cache (all lengths 0) in ``dtype`` (default: the compute dtype)."""
+def init_cache(cfg: ModelConfig, batch_size: int, max_len: int, dtype: Optional[str | jnp.dtype] = None,
+               mesh: Optional[jax.sharding.Mesh] = None) -> Cache:
+    """An empty cache (all lengths 0) in ``dtype`` (default: the compute dtype).  With ``mesh`` it is
+    placed by :func:`cache_shardings`: on a mesh with a ``context`` axis the length axis is split over
+    it (each device holds max_len / context rows; decoding merges the devices' partial softmaxes),
+    which must then divide ``max_len``."""
     if batch_size < 1 or max_len < 1:
         raise ValueError(f"init_cache: batch_size and max_len must be >= 1, got {batch_size}, {max_len}")
     if max_len > cfg.max_seq_len:
         raise ValueError(f"init_cache: max_len={max_len} exceeds the model's max_seq_len={cfg.max_seq_len}")
+    check_context_divides(max_len, mesh, "init_cache: max_len")
     dtype = jnp.dtype(dtype or cfg.compute_dtype)
     layers = {name: jnp.zeros((cfg.n_layer, batch_size, max_len) + leaf.shape, dtype)
               for name, leaf in cache_spec(cfg).items()}
-    return {"lengths": jnp.zeros((batch_size,), jnp.int32), "layers": layers}
+    cache = {"lengths": jnp.zeros((batch_size,), jnp.int32), "layers": layers}
+    return cache if mesh is None else jax.device_put(cache, cache_shardings(cfg, cache, mesh))
+
+
+def check_context_divides(max_len: int, mesh: Optional[jax.sharding.Mesh], what: str) -> None:
+    """A one-line error unless the mesh's ``context`` axis (if any) divides the cache length."""
+    c = 1 if mesh is None else dict(mesh.shape).get("context", 1)
+    if max_len % c:
+        raise ValueError(f"{what}={max_len} is not divisible by the mesh's context axis {c} (the cache's length "
+                         f"axis is split over it)")
 
 
 def cache_bytes_per_token(cache: Cache) -> int:

@@ -35,7 +35,8 @@ from jax import lax
 
 from ..config import ModelConfig
 from ..model import logits_fn
-from .cache import cache_shardings, init_cache
+from .. import parallel
+from .cache import check_context_divides, init_cache
 
 __all__ = ["Generation", "generate", "sample_logits", "prepare_prompts", "length_bucket", "count_compiles"]
 
@@ -224,13 +225,13 @@ def generate(params: Any, cfg: ModelConfig, prompt_tokens: Prompts, max_new_toke
     if not stops.size:
         stops = np.asarray([-1], np.int32)  # matches nothing
     dtype = jnp.dtype(cache_dtype or cfg.compute_dtype)
-    cache = init_cache(cfg, prompts.shape[0], capacity, dtype=dtype)
-    if mesh is not None:
-        cache = jax.device_put(cache, cache_shardings(cfg, cache, mesh))
+    check_context_divides(capacity, mesh, "generate: cache length max_len")
+    cache = init_cache(cfg, prompts.shape[0], capacity, dtype=dtype, mesh=mesh)
     greedy = temperature < GREEDY_BELOW
     # host arrays go to the jitted call as numpy: jnp.asarray would compile a transfer per new shape
-    out, n = _generate(params, prompts, lengths, cache, jax.random.key(int(seed)),
-                       np.float32(temperature if not greedy else 1.0), np.float32(top_p or 1.0),
-                       stops, np.int32(max_new_tokens), cfg=cfg, buffer=buffer, top_k=top_k,
-                       greedy=greedy, use_top_p=top_p is not None, pad_id=int(pad_id))
+    with parallel.mesh_context(mesh) if mesh is not None else contextlib.nullcontext():
+        out, n = _generate(params, prompts, lengths, cache, jax.random.key(int(seed)),
+                           np.float32(temperature if not greedy else 1.0), np.float32(top_p or 1.0),
+                           stops, np.int32(max_new_tokens), cfg=cfg, buffer=buffer, top_k=top_k,
+                           greedy=greedy, use_top_p=top_p is not None, pad_id=int(pad_id))
     return Generation(np.asarray(out)[:, :max_new_tokens], np.asarray(n))

@@ -192,15 +192,16 @@ def test_stripe_round_trip_and_order():
     np.testing.assert_array_equal(context.unstripe(s, 4), x)
 
 
-@pytest.mark.parametrize("variant", ["mla", "t6-nonctx-b"])
-def test_bfloat16_step_with_closed_over_weights_compiles(variant):
+@pytest.mark.parametrize("variant, impl", [("mla", "ring"), ("t6-nonctx-b", "ring"), ("t6", "allgather")])
+def test_bfloat16_training_step_compiles(variant, impl):
     """MLA's up-projections and TPA's constant factors enter the ring's expansion as closed-over
-    weights; their gradients are summed over the context axis in float32 (``context.varying``), which
-    XLA's CPU backend compiles (a bfloat16 sum there failed to compile)."""
-    cfg = cfg_of(variant, compute_dtype="bfloat16")
+    weights, and the all-gather's gradient is a reduce-scatter: these sums over the context axis run
+    in float32 (``context.varying``, ``context._gather``), which XLA's CPU backend compiles (a
+    bfloat16 sum there failed to compile)."""
+    cfg = cfg_of(variant, compute_dtype="bfloat16", context_impl=impl)
     params = jax.eval_shape(lambda: tpa_jax.init_params(cfg, jax.random.key(0)))
     mesh = parallel.make_mesh(1, 1, 1, 2, devices=jax.devices()[:2])
     with jax.set_mesh(mesh):
         tokens = jax.ShapeDtypeStruct((1, SEQ), jnp.int32, sharding=parallel.batch_sharding(mesh, 1, seq_len=SEQ))
         text = jax.jit(jax.grad(tpa_jax.loss_fn(cfg))).lower(params, tokens, tokens).compile().as_text()
-    assert "collective-permute" in text
+    assert ("all-gather" if impl == "allgather" else "collective-permute") in text

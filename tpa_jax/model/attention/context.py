@@ -125,25 +125,40 @@ def context_attention(cfg: ModelConfig, q_BTHD: jax.Array, items: Items, expand:
         local_q_T = jnp.floor_divide(q_pos_T - base, stride)  # key index i visible iff i <= this
         return blocked_attention_lse(q_BTHD, k_BSKD, v_BSKE, local_q_T[None], jnp.full((1,), tc, jnp.int32), **kw)
 
+    # A scan runs the ring's steps one at a time, so memory holds one step's keys and values (and it
+    # compiles once).  Its transpose cannot yet handle weights closed over from outside the shard_map
+    # (MLA's up-projections, TPA's constant factors): those expansions run unrolled instead.
+    example = jax.tree.map(lambda x: jax.ShapeDtypeStruct((x.shape[0], tc) + x.shape[2:], x.dtype), items)
+    closes_over_weights = bool(jax.make_jaxpr(expand)(example).consts)
+
     def ring(q_BTHD, items):
+        """Attend to the items of shard me - s while they travel on to shard me + 1 (ppermute)."""
         me = jax.lax.axis_index(AXIS)
         q_pos_T = _positions(layout, me, tc, c)[1]
         step = jax.checkpoint(attend_block)
-        # Unrolled (C steps): the collective-permutes stay visible to XLA's scheduler, which can
-        # overlap each transfer with the previous block's compute.  (A lax.scan here would compile
-        # faster, but its transpose cannot yet handle closed-over weights inside shard_map.)
-        o_BTHE = lse_BTH = None
-        for s in range(c):  # attend to the items of shard me - s while they travel on to me + 1
-            ahead = jax.lax.ppermute(items, AXIS, [(j, (j + 1) % c) for j in range(c)]) if s < c - 1 else None
+        pass_on = lambda x: jax.lax.ppermute(x, AXIS, [(j, (j + 1) % c) for j in range(c)])
+
+        def body(carry, s):
+            o_BTHE, lse_BTH, items = carry
+            ahead = pass_on(items)
             o_s, lse_s = step(q_BTHD, items, q_pos_T, (me - s) % c)
-            o_BTHE, lse_BTH = (o_s, lse_s) if s == 0 else _merge(o_BTHE, lse_BTH, o_s, lse_s)
-            items = ahead
-        return o_BTHE.astype(q_BTHD.dtype)
+            return (*_merge(o_BTHE, lse_BTH, o_s, lse_s), ahead), None
+
+        ahead = pass_on(items)
+        carry = (*step(q_BTHD, items, q_pos_T, me), ahead)  # step 0: this shard's own items
+        if closes_over_weights:
+            for s in range(1, c - 1):
+                carry = jax.lax.optimization_barrier(body(carry, s)[0])
+        elif c > 2:
+            carry, _ = jax.lax.scan(body, carry, jnp.arange(1, c - 1))
+        o_BTHE, lse_BTH, ahead = carry
+        o_s, lse_s = step(q_BTHD, ahead, q_pos_T, (me + 1) % c)  # step C - 1: nothing left to pass on
+        return _merge(o_BTHE, lse_BTH, o_s, lse_s)[0].astype(q_BTHD.dtype)
 
     def gathered(q_BTHD, items):
         me = jax.lax.axis_index(AXIS)
         q_pos_T = _positions(layout, me, tc, c)[1]
-        every = jax.lax.all_gather(items, AXIS, axis=1, tiled=True)  # [B, T, ...] in shard order
+        every = jax.tree.map(_gather, items)  # [B, T, ...] in shard order
         if layout == "striped":  # back to position order
             every = jax.tree.map(lambda x: unstripe(x, c), every)
         k_BSKD, v_BSKE = expand(every)
@@ -154,3 +169,69 @@ def context_attention(cfg: ModelConfig, q_BTHD: jax.Array, items: Items, expand:
     spec = P(None, AXIS)
     return jax.shard_map(body, mesh=mesh, in_specs=(spec, jax.tree.map(lambda _: spec, items)), out_specs=spec,
                          axis_names={AXIS})(q_BTHD, items)
+
+
+@jax.custom_vjp
+def _gather(x: jax.Array) -> jax.Array:
+    """All-gather along the length axis (tiled); the gradient is reduce-scattered in float32."""
+    return jax.lax.all_gather(x, AXIS, axis=1, tiled=True)
+
+
+def _gather_fwd(x):
+    return _gather(x), None
+
+
+def _gather_bwd(_, g):
+    return (jax.lax.psum_scatter(g.astype(jnp.float32), AXIS, scatter_dimension=1, tiled=True).astype(g.dtype),)
+
+
+_gather.defvjp(_gather_fwd, _gather_bwd)
+
+
+# ------------------------------------------------------------------- decoding over a sharded cache
+Partial = Callable[[Items, Items, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
+
+
+def expanded_partial(cfg: ModelConfig, expand: Expand) -> Partial:
+    """A :data:`Partial` that expands a shard's items to keys and values and runs the blocked kernel
+    (queries ``{"q": [B, T, H, D]}``)."""
+    def partial(queries: Items, items: Items, q_pos_BT: jax.Array, kv_len_B: jax.Array):
+        k_BSKD, v_BSKE = expand(items)
+        return blocked_attention_lse(queries["q"], k_BSKD, v_BSKE, q_pos_BT, kv_len_B, scale=cfg.attn_scale,
+                                     block_size=cfg.attention_block_size)
+    return partial
+
+
+def sharded_cache_attention(queries: Items, items: Items, start_B: jax.Array, partial: Partial) -> jax.Array:
+    """Cached attention of T new tokens (positions ``start_B + 0..T-1``, already written into the
+    cache) against a cache whose length axis is split over the ambient mesh's ``context`` axis.
+
+    Each device attends only to its own S / C rows -- key i of shard j is cache row j S / C + i --
+    through ``partial(queries, items, q_positions, kv_lengths) -> (o [B, T, H, E], lse [B, T, H])``
+    in the shard's own row coordinates (a row past the shard's filled part, or a shard holding no
+    visible row, gives lse = -inf).  The partial results are merged exactly: with m the largest
+    lse over shards, o = sum_j e^(lse_j - m) o_j / sum_j e^(lse_j - m) (two sums and a max over the
+    axis; only [B, T, H, E] numbers cross, never a cache row).  Returns o [B, T, H, E] float32."""
+    c = context_size()
+    s = jax.tree_util.tree_leaves(items)[0].shape[1]
+    check_divides(s, c, "cache length")
+    sc = s // c
+    t = jax.tree_util.tree_leaves(queries)[0].shape[1]
+    q_pos_BT = start_B[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+    kv_len_B = start_B + t
+
+    def body(queries, items, q_pos_BT, kv_len_B):
+        base = jax.lax.axis_index(AXIS) * sc
+        o_BTHE, lse_BTH = partial(queries, items, q_pos_BT - base, jnp.clip(kv_len_B - base, 0, sc))
+        m_BTH = jax.lax.pmax(lse_BTH, AXIS)
+        m_BTH = jnp.where(jnp.isfinite(m_BTH), m_BTH, 0.0)
+        w_BTH = jnp.exp(lse_BTH - m_BTH)  # 0 for a shard that saw nothing
+        num_BTHE = jax.lax.psum(w_BTH[..., None] * o_BTHE.astype(jnp.float32), AXIS)
+        den_BTH = jax.lax.psum(w_BTH, AXIS)
+        return num_BTHE / jnp.where(den_BTH > 0, den_BTH, 1.0)[..., None]
+
+    rep, split = P(), P(None, AXIS)
+    mesh = jax.sharding.get_abstract_mesh()
+    return jax.shard_map(body, mesh=mesh, axis_names={AXIS},
+                         in_specs=(jax.tree.map(lambda _: rep, queries), jax.tree.map(lambda _: split, items), rep, rep),
+                         out_specs=rep)(queries, items, q_pos_BT, kv_len_B)

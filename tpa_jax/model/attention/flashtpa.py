@@ -55,6 +55,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from .blocked import _varying_axes
 from .core import attention_mask, filled_BS
 
 __all__ = ["flashtpa_decode", "flashtpa_decode_plain_q", "flashtpa_prefill", "flashtpa_prefill_plain_q"]
@@ -82,8 +83,9 @@ def _positions_and_lengths(q_positions_BT: Optional[jax.Array], kv_lengths_B: Op
 # ----------------------------------------------------------------------------- blocked core
 def _blocked_attention(a_q_BTPH: Optional[jax.Array], b_q_BTPD: jax.Array, a_k_BSRH: jax.Array, b_k_BSRD: jax.Array,
                        a_v_BSUH: jax.Array, b_v_BSUE: jax.Array, q_positions_BT: jax.Array, kv_lengths_B: jax.Array,
-                       *, coef: float, v_rank: int, block: int) -> jax.Array:
-    """Algorithms 1/2 for one tile of T queries; ``coef`` = scale / (R_Q R_K).  Returns o [B, T, H, E] float32.
+                       *, coef: float, v_rank: int, block: int, with_lse: bool = False):
+    """Algorithms 1/2 for one tile of T queries; ``coef`` = scale / (R_Q R_K).  Returns o [B, T, H, E] float32
+    (and with ``with_lse`` the log-sum-exp of the logits, [B, T, H], -inf for a row that sees nothing).
 
     TPA-KVonly passes ``a_q_BTPH=None`` and its plain query [B, T, H, D] as ``b_q_BTPD``, with
     ``coef`` = scale / R_K.
@@ -140,10 +142,34 @@ def _blocked_attention(a_q_BTPH: Optional[jax.Array], b_q_BTPD: jax.Array, a_k_B
 
     init = (jnp.full((batch, h, t), -jnp.inf, _F32), jnp.zeros((batch, h, t), _F32),
             jnp.zeros((batch, h, t, e), _F32))
-    _, l_BHT, acc_BHTE = lax.fori_loop(0, n_blocks, body, init)
+    m_BHT, l_BHT, acc_BHTE = lax.fori_loop(0, n_blocks, body, _varying_like(a_k_BSRH, init))
     # (5) o = s_V * y / l; rows that saw nothing (l == 0) give 0
     o_BHTE = jnp.where(l_BHT[..., None] > 0, acc_BHTE / jnp.where(l_BHT > 0, l_BHT, 1.0)[..., None], 0.0) / v_rank
+    if with_lse:
+        lse_BHT = jnp.where(l_BHT > 0, m_BHT + jnp.log(jnp.where(l_BHT > 0, l_BHT, 1.0)), -jnp.inf)
+        return o_BHTE.transpose(0, 2, 1, 3), lse_BHT.transpose(0, 2, 1)
     return o_BHTE.transpose(0, 2, 1, 3)
+
+
+def _varying_like(x: jax.Array, init: tuple) -> tuple:
+    """The loop's initial carry, varying over the manual mesh axes ``x`` varies over (inside the
+    sharded-cache ``shard_map``; unchanged elsewhere)."""
+    vma = _varying_axes(x)
+    return tuple(lax.pcast(a, tuple(sorted(vma)), to="varying") for a in init) if vma else init
+
+
+def flashtpa_partial(a_q_BTPH: Optional[jax.Array], b_q_BTPD: jax.Array, a_k_BSRH: jax.Array, b_k_BSRD: jax.Array,
+                     a_v_BSUH: jax.Array, b_v_BSUE: jax.Array, q_positions_BT: jax.Array, kv_lengths_B: jax.Array,
+                     *, q_rank: int, k_rank: int, v_rank: int, scale: float, block_size: int):
+    """(o [B, T, H, E] float32, lse [B, T, H]) of T queries against one part of a factor cache (keys at
+    rows 0..S-1 of the part; ``q_positions_BT`` and ``kv_lengths_B`` in those rows' coordinates):
+    the partial result a cache split over devices merges (``context.sharded_cache_attention``).
+    ``a_q_BTPH=None``: TPA-KVonly's plain query [B, T, H, D] as ``b_q_BTPD``."""
+    s_len = a_k_BSRH.shape[1]
+    coef = scale / (k_rank if a_q_BTPH is None else q_rank * k_rank)
+    return _blocked_attention(a_q_BTPH, b_q_BTPD, a_k_BSRH, b_k_BSRD, a_v_BSUH, b_v_BSUE, q_positions_BT,
+                              kv_lengths_B, coef=coef, v_rank=v_rank, block=max(1, min(block_size, s_len)),
+                              with_lse=True)
 
 
 # ----------------------------------------------------------------------------- decode (Alg. 2)

@@ -23,7 +23,7 @@ from ...parallel import constrain
 from ..layers import RMSNorm, cast, fan_in_init, param
 from ..rope import Rope, apply_rope
 from .core import AttentionMask, CacheLeaf, output_params, project_out, read_cache, write_cache
-from .context import varying
+from .context import context_size, expanded_partial, sharded_cache_attention, varying
 from .dispatch import attention_items
 
 LATENT = ("batch", "length", "latent")  # the logical layout of the q and kv latents under a mesh
@@ -102,6 +102,10 @@ class MLAttention(nn.Module):
             cache = write_cache(cache, items, start_B)
             items = read_cache(cache)
         q_c_BTHD, q_r_BTHF = self.queries(x_BTM, rope)
+        if cache is not None and context_size() > 1:  # the cache's length axis is split over devices
+            q_BTHD = jnp.concatenate([q_c_BTHD, q_r_BTHF], axis=-1)
+            o_BTHE = sharded_cache_attention({"q": q_BTHD}, items, start_B, expanded_partial(cfg, self.keys_values))
+            return project_out(cfg, o_BTHE.astype(x_BTM.dtype), self.w_o, self.out_norm), cache
         if cache is not None and x_BTM.shape[1] == 1 and cfg.decode_impl != "materialize":
             o_BTHE = self.absorbed_attention(q_c_BTHD, q_r_BTHF, items, mask.dense(1, items["c_kv"].shape[1]))
             return project_out(cfg, o_BTHE, self.w_o, self.out_norm), cache

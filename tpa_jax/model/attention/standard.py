@@ -13,6 +13,7 @@ from ..layers import cast, fan_in_init, param
 from ..rope import Rope, apply_rope
 from .core import (AttentionMask, CacheLeaf, attend_one, filled_BS, output_params, project_out, read_cache,
                    write_cache)
+from .context import context_size, expanded_partial, sharded_cache_attention
 from .dispatch import attention_items
 
 
@@ -60,6 +61,11 @@ class StandardAttention(nn.Module):
         attention reads the whole cache (``key_rope`` is unused: cached keys are already rotated)."""
         cfg = self.cfg
         items = self.kv_items(x_BTM, rope)
+        if cache is not None and context_size() > 1:  # the cache's length axis is split over devices
+            cache = write_cache(cache, items, start_B)
+            o_BTHE = sharded_cache_attention({"q": self.query(x_BTM, rope)}, read_cache(cache), start_B,
+                                             expanded_partial(cfg, self.keys_values))
+            return project_out(cfg, o_BTHE.astype(x_BTM.dtype), self.w_o, self.out_norm), cache
         if cache is not None and x_BTM.shape[1] == 1:  # decode: write in place, then read the rows
             cache = write_cache(cache, items, start_B)
             rows = read_cache(cache)

@@ -33,7 +33,7 @@ from ...parallel import constrain
 from ..layers import cast, param, uniform_init
 from ..rope import Rope, apply_rope
 from . import flashtpa
-from .context import varying
+from .context import context_size, sharded_cache_attention, varying
 from .core import AttentionMask, CacheLeaf, output_params, project_out, read_cache, write_cache
 from .dispatch import attention_items
 from .kernels import flashtpa_decode_pallas
@@ -234,6 +234,19 @@ class TPAttention(nn.Module):
         kv = (f["a_k"], f["b_k"], f["a_v"], f["b_v"])
         kw = dict(k_rank=cfg.k_rank, v_rank=cfg.v_rank, scale=cfg.attn_scale, block_size=cfg.decode_block_size)
         plain_q = cfg.attention == "tpa_kvonly"
+        if context_size() > 1:  # the cache's length axis is split over devices: merge per-shard partials
+            if plain_q:
+                queries = {"b_q": self.query(x_BTM, rope)}
+            else:
+                a_q_BTPH = self._a(x_BTM, "q")
+                queries = {"a_q": jnp.broadcast_to(a_q_BTPH, (batch, t) + a_q_BTPH.shape[2:]),
+                           "b_q": self._b(x_BTM, "q", rope)}
+
+            def partial(q, it, q_pos_BT, kv_len_B):
+                return flashtpa.flashtpa_partial(q.get("a_q"), q["b_q"], it["a_k"], it["b_k"], it["a_v"], it["b_v"],
+                                                 q_pos_BT, kv_len_B, q_rank=cfg.q_rank, **kw)
+            o_BTHE = sharded_cache_attention(queries, f, start_B, partial)
+            return project_out(cfg, o_BTHE.astype(x_BTM.dtype), self.w_o, self.out_norm)
         if t > 1:
             span = dict(q_positions_BT=start_B[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :],
                         kv_lengths_B=start_B + t, q_block_size=cfg.prefill_q_block_size)
