@@ -34,6 +34,7 @@ import os
 import re
 import sys
 import time
+from typing import Optional
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
@@ -50,6 +51,10 @@ MECHANISMS = ("t6", "mha", "gqa", "mla")
 BASELINE = "mha"
 _DTYPE_BYTES = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "s8": 1, "u8": 1, "pred": 1, "f64": 8, "s64": 8}
 _COLLECTIVE = re.compile(r"=\s*(\(?[^=]*?\)?)\s+(collective-permute|all-gather|all-to-all)(?:-start)?\((.*?)\)")
+_COMPUTATION = re.compile(r"^(ENTRY )?%?([\w.\-]+) \(.*\{\s*$")
+_BODY = re.compile(r"body=%?([\w.\-]+)")
+_TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
+_CALLS = re.compile(r"(?:to_apply|calls)=%?([\w.\-]+)")
 _SHAPE = re.compile(r"\b(f32|bf16|f16|s32|u32|s8|u8|pred|f64|s64)\[([0-9,]*)\]")
 
 
@@ -64,21 +69,53 @@ def _bytes(shapes: str) -> int:
     return total
 
 
+def _line_bytes(line: str, c: int) -> Optional[tuple[str, int]]:
+    """(kind, bytes one device receives) of one HLO instruction, or None if it is no exchange."""
+    m = _COLLECTIVE.search(line)
+    if not m or "-done" in line:
+        return None
+    result, kind, operands = m.groups()
+    sent = _bytes(operands) if _SHAPE.search(operands) else _bytes(result)
+    if kind == "collective-permute":
+        return kind, sent
+    if kind == "all-gather":
+        return kind, _bytes(result) * (c - 1) // c
+    return kind, sent * (c - 1) // c
+
+
 def received_bytes(hlo: str, c: int) -> dict[str, int]:
-    """Bytes one device receives per collective kind in a compiled (per-device) HLO module."""
-    out = {"collective-permute": 0, "all-gather": 0, "all-to-all": 0}
+    """Bytes one device receives per collective kind in a compiled (per-device) HLO module: each
+    computation's own exchanges plus those of the loops it runs, times their known trip counts (the
+    ring's scan), and of the computations it calls."""
+    comps, name, entry = {}, None, None
     for line in hlo.splitlines():
-        m = _COLLECTIVE.search(line)
-        if not m or "-done" in line:
-            continue
-        result, kind, operands = m.groups()
-        if kind == "collective-permute":
-            out[kind] += _bytes(operands) if _SHAPE.search(operands) else _bytes(result)
-        elif kind == "all-gather":
-            out[kind] += _bytes(result) * (c - 1) // c
-        else:
-            out[kind] += (_bytes(operands) if _SHAPE.search(operands) else _bytes(result)) * (c - 1) // c
-    return out
+        head = _COMPUTATION.match(line)
+        if head:
+            name = head.group(2)
+            comps[name] = []
+            entry = name if head.group(1) else entry
+        elif name is not None:
+            comps[name].append(line)
+
+    def total(comp: str, seen: frozenset) -> dict[str, int]:
+        out = {"collective-permute": 0, "all-gather": 0, "all-to-all": 0}
+        for line in comps.get(comp, ()):
+            got = _line_bytes(line, c)
+            if got:
+                out[got[0]] += got[1]
+            calls = [(m.group(1), 1) for m in _CALLS.finditer(line)]
+            if " while(" in line:
+                trip = _TRIP.search(line)
+                calls = [(m.group(1), int(trip.group(1)) if trip else 1) for m in _BODY.finditer(line)]
+            for callee, n in calls:
+                if callee in comps and callee not in seen:
+                    for k, v in total(callee, seen | {callee}).items():
+                        out[k] += n * v
+        return out
+
+    if entry is None:  # a fragment: its lines as they are
+        comps, entry = {"": hlo.splitlines()}, ""
+    return total(entry, frozenset({entry}))
 
 
 def _compiled_text(cfg, mesh, batch: int, seq_len: int, training: bool) -> str:

@@ -49,3 +49,23 @@ def test_received_bytes_parser():
     got = context_parallel.received_bytes(hlo, 4)
     assert got == {"collective-permute": 1 * 32 * 6 * 34 * 2, "all-gather": 8 * 16 * 4 * 3 // 4,
                    "all-to-all": 2 * 16 * 4 * 3 // 4}
+
+
+def test_received_bytes_counts_loop_trips():
+    """A collective inside a loop body counts once per trip (the ring's scan over its steps)."""
+    hlo = """HloModule m
+
+%body.1 (p: (s32[], f32[4,8])) -> (s32[], f32[4,8]) {
+  %cp = f32[4,8]{1,0} collective-permute(f32[4,8]{1,0} %x), channel_id=1
+}
+
+%cond.1 (p: (s32[], f32[4,8])) -> pred[] {
+  %lt = pred[] compare(s32[] %i, s32[] %n), direction=LT
+}
+
+ENTRY %main.2 (a: f32[4,8]) -> f32[4,8] {
+  %first = f32[4,8]{1,0} collective-permute(f32[4,8]{1,0} %a), channel_id=2
+  %w = (s32[], f32[4,8]) while((s32[], f32[4,8]) %t), condition=%cond.1, body=%body.1, backend_config={"known_trip_count":{"n":"6"}}
+}
+"""
+    assert context_parallel.received_bytes(hlo, 8)["collective-permute"] == 7 * 4 * 8 * 4
