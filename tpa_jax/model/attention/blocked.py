@@ -212,12 +212,17 @@ def _blocked(q_BTHD, k_BSKD, v_BSKE, q_pos_BT, kv_len_B, scale: float, block_siz
     return _blocked_fwd(q_BTHD, k_BSKD, v_BSKE, q_pos_BT, kv_len_B, scale, block_size)[0]
 
 
-def _blocked_fwd(q_BTHD, k_BSKD, v_BSKE, q_pos_BT, kv_len_B, scale, block_size):
+def _tiled_forward(q_BTHD, k_BSKD, v_BSKE, q_pos_BT, kv_len_B, scale, block_size):
+    """(G, o [Q, B, K, tq G, E], lse [Q, B, K, tq G], the backward's residuals)."""
     g, tq, bk = _sizes(q_BTHD, k_BSKD, block_size)
     x = _to_tiles(q_BTHD, k_BSKD, v_BSKE, q_pos_BT, kv_len_B, tq)
     o_QBKTE, lse_QBKT, _ = _forward(x, g, scale, bk)
-    o_BTHE = _untile_rows(o_QBKTE, g, q_BTHD.shape[1]).astype(jnp.result_type(v_BSKE))
-    return o_BTHE, (q_BTHD, k_BSKD, v_BSKE, q_pos_BT, kv_len_B, o_QBKTE, lse_QBKT)
+    return g, o_QBKTE, lse_QBKT, (q_BTHD, k_BSKD, v_BSKE, q_pos_BT, kv_len_B, o_QBKTE, lse_QBKT)
+
+
+def _blocked_fwd(q_BTHD, k_BSKD, v_BSKE, q_pos_BT, kv_len_B, scale, block_size):
+    g, o_QBKTE, _, res = _tiled_forward(q_BTHD, k_BSKD, v_BSKE, q_pos_BT, kv_len_B, scale, block_size)
+    return _untile_rows(o_QBKTE, g, q_BTHD.shape[1]).astype(jnp.result_type(v_BSKE)), res
 
 
 def _blocked_bwd(scale, block_size, res, do_BTHE, dlse_QBKT=None):
@@ -241,12 +246,9 @@ def _blocked_lse(q_BTHD, k_BSKD, v_BSKE, q_pos_BT, kv_len_B, scale: float, block
 
 
 def _blocked_lse_fwd(q_BTHD, k_BSKD, v_BSKE, q_pos_BT, kv_len_B, scale, block_size):
-    g, tq, bk = _sizes(q_BTHD, k_BSKD, block_size)
-    x = _to_tiles(q_BTHD, k_BSKD, v_BSKE, q_pos_BT, kv_len_B, tq)
-    o_QBKTE, lse_QBKT, _ = _forward(x, g, scale, bk)
+    g, o_QBKTE, lse_QBKT, res = _tiled_forward(q_BTHD, k_BSKD, v_BSKE, q_pos_BT, kv_len_B, scale, block_size)
     t = q_BTHD.shape[1]
-    out = (_untile_rows(o_QBKTE, g, t), _untile_rows(lse_QBKT[..., None], g, t)[..., 0])
-    return out, (q_BTHD, k_BSKD, v_BSKE, q_pos_BT, kv_len_B, o_QBKTE, lse_QBKT)
+    return (_untile_rows(o_QBKTE, g, t), _untile_rows(lse_QBKT[..., None], g, t)[..., 0]), res
 
 
 def _blocked_lse_bwd(scale, block_size, res, cotangents):
