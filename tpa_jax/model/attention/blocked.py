@@ -40,7 +40,7 @@ from jax import lax
 
 from .core import attention_mask
 
-__all__ = ["blocked_attention", "blocked_attention_lse", "block_counts"]
+__all__ = ["blocked_attention", "blocked_attention_lse", "blocked_block_grads", "block_counts"]
 
 _F32 = jnp.float32
 
@@ -261,6 +261,23 @@ def _blocked_lse_bwd(scale, block_size, res, cotangents):
 
 
 _blocked_lse.defvjp(_blocked_lse_fwd, _blocked_lse_bwd)
+
+
+def blocked_block_grads(q_BTHD: jax.Array, k_BSKD: jax.Array, v_BSKE: jax.Array, q_positions_BT: jax.Array,
+                        kv_lengths_B: jax.Array, o_BTHE: jax.Array, lse_BTH: jax.Array, do_BTHE: jax.Array, *,
+                        scale: float, block_size: int = 512) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(dq, dk, dv), float32, of one block of keys when the softmax runs over more keys than these:
+    ``o`` and ``lse`` are the attention output and log-sum-exp over *all* keys, so the block's
+    probabilities are exp(scale q k^T - lse) and dS = P (dP - rowsum(do o)) as in any blocked
+    backward pass.  Summing the blocks' dq, and taking each block's dk and dv, gives the gradients
+    of the whole attention (the ring's backward pass, ``context.py``)."""
+    q_pos_BT, kv_len_B = _mask_args(q_BTHD, q_positions_BT, kv_lengths_B)
+    tq, kv = _sizes(q_BTHD, k_BSKD, block_size)[1], k_BSKD.shape[2]
+    pad = -q_BTHD.shape[1] % tq
+    o_QBKTE = _tile_rows(jnp.pad(o_BTHE.astype(_F32), ((0, 0), (0, pad), (0, 0), (0, 0))), kv, tq)
+    lse_QBKT = _tile_rows(jnp.pad(lse_BTH, ((0, 0), (0, pad), (0, 0)))[..., None], kv, tq)[..., 0]
+    res = (q_BTHD, k_BSKD, v_BSKE, q_pos_BT, kv_len_B, o_QBKTE, lse_QBKT)
+    return _blocked_bwd(float(scale), int(block_size), res, do_BTHE)[:3]
 
 
 def _mask_args(q_BTHD: jax.Array, q_positions_BT: jax.Array, kv_lengths_B: jax.Array) -> tuple[jax.Array, jax.Array]:

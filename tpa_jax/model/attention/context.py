@@ -37,7 +37,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from ...config import ModelConfig
-from .blocked import blocked_attention_lse
+from .blocked import blocked_attention_lse, blocked_block_grads
 
 AXIS = "context"
 Items = dict[str, jax.Array]
@@ -125,18 +125,22 @@ def context_attention(cfg: ModelConfig, q_BTHD: jax.Array, items: Items, expand:
         local_q_T = jnp.floor_divide(q_pos_T - base, stride)  # key index i visible iff i <= this
         return blocked_attention_lse(q_BTHD, k_BSKD, v_BSKE, local_q_T[None], jnp.full((1,), tc, jnp.int32), **kw)
 
-    # A scan runs the ring's steps one at a time, so memory holds one step's keys and values (and it
-    # compiles once).  Its transpose cannot yet handle weights closed over from outside the shard_map
-    # (MLA's up-projections, TPA's constant factors): those expansions run unrolled instead.
+    # The ring's steps run one at a time (a scan), so memory holds one step's keys and values.  When
+    # ``expand`` uses only the items (TPA, MHA/GQA/MQA), the ring has its own backward pass
+    # (``_ring_vjp``): it keeps only this shard's queries, items, output and log-sum-exp, and sends
+    # the items round again with their gradients travelling beside them.  An expansion that closes
+    # over weights (MLA's up-projections, TPA's constant factors) is differentiated by JAX through
+    # rematerialised steps instead, unrolled: a scan's transpose cannot yet take weights closed over
+    # from outside the shard_map.
     example = jax.tree.map(lambda x: jax.ShapeDtypeStruct((x.shape[0], tc) + x.shape[2:], x.dtype), items)
     closes_over_weights = bool(jax.make_jaxpr(expand)(example).consts)
+    pass_on = lambda x: jax.lax.ppermute(x, AXIS, [(j, (j + 1) % c) for j in range(c)])
 
-    def ring(q_BTHD, items):
-        """Attend to the items of shard me - s while they travel on to shard me + 1 (ppermute)."""
+    def ring_forward(q_BTHD, items, step):
+        """(o [B, T/C, H, E] float32, lse): attend to the items of shard me - s at step s while they
+        travel on to shard me + 1."""
         me = jax.lax.axis_index(AXIS)
         q_pos_T = _positions(layout, me, tc, c)[1]
-        step = jax.checkpoint(attend_block)
-        pass_on = lambda x: jax.lax.ppermute(x, AXIS, [(j, (j + 1) % c) for j in range(c)])
 
         def body(carry, s):
             o_BTHE, lse_BTH, items = carry
@@ -144,8 +148,7 @@ def context_attention(cfg: ModelConfig, q_BTHD: jax.Array, items: Items, expand:
             o_s, lse_s = step(q_BTHD, items, q_pos_T, (me - s) % c)
             return (*_merge(o_BTHE, lse_BTH, o_s, lse_s), ahead), None
 
-        ahead = pass_on(items)
-        carry = (*step(q_BTHD, items, q_pos_T, me), ahead)  # step 0: this shard's own items
+        carry = (*step(q_BTHD, items, q_pos_T, me), pass_on(items))  # step 0: this shard's own items
         if closes_over_weights:
             for s in range(1, c - 1):
                 carry = jax.lax.optimization_barrier(body(carry, s)[0])
@@ -153,7 +156,56 @@ def context_attention(cfg: ModelConfig, q_BTHD: jax.Array, items: Items, expand:
             carry, _ = jax.lax.scan(body, carry, jnp.arange(1, c - 1))
         o_BTHE, lse_BTH, ahead = carry
         o_s, lse_s = step(q_BTHD, ahead, q_pos_T, (me + 1) % c)  # step C - 1: nothing left to pass on
-        return _merge(o_BTHE, lse_BTH, o_s, lse_s)[0].astype(q_BTHD.dtype)
+        return _merge(o_BTHE, lse_BTH, o_s, lse_s)
+
+    def ring_backward(q_BTHD, items, o_BTHE, lse_BTH, do_BTHE):
+        """(dq, d items): the items go round again; each device adds its queries' gradient with
+        respect to the block it holds to the accumulator travelling with the block, and a last
+        pass brings every accumulator home."""
+        me = jax.lax.axis_index(AXIS)
+        q_pos_T = _positions(layout, me, tc, c)[1]
+        zeros = lambda x: jax.lax.pcast(jnp.zeros(x.shape, jnp.float32), (AXIS,), to="varying")
+
+        def block(items, s):
+            base, _, stride = _positions(layout, (me - s) % c, tc, c)
+            (k_BSKD, v_BSKE), pullback = jax.vjp(expand, items)
+            local_q_T = jnp.floor_divide(q_pos_T - base, stride)
+            dq, dk, dv = blocked_block_grads(q_BTHD, k_BSKD, v_BSKE, local_q_T[None], jnp.full((1,), tc, jnp.int32),
+                                             o_BTHE, lse_BTH, do_BTHE, **kw)
+            return dq.astype(jnp.float32), pullback((dk.astype(k_BSKD.dtype), dv.astype(v_BSKE.dtype)))[0]
+
+        def body(carry, s):
+            dq_BTHD, items, acc = carry
+            dq_s, d_items = block(items, s)
+            acc = jax.tree.map(lambda a, d: a + d.astype(jnp.float32), acc, d_items)
+            return (dq_BTHD + dq_s, *pass_on((items, acc))), None
+
+        carry = (zeros(q_BTHD), items, jax.tree.map(zeros, items))
+        carry, _ = jax.lax.scan(body, carry, jnp.arange(c - 1))
+        dq_BTHD, items, acc = carry
+        dq_s, d_items = block(items, c - 1)
+        acc = pass_on(jax.tree.map(lambda a, d: a + d.astype(jnp.float32), acc, d_items))  # home
+        return dq_BTHD + dq_s, acc
+
+    @jax.custom_vjp
+    def ring_vjp(q_BTHD, items):
+        return ring_forward(q_BTHD, items, attend_block)[0].astype(q_BTHD.dtype)
+
+    def ring_vjp_fwd(q_BTHD, items):
+        o_BTHE, lse_BTH = ring_forward(q_BTHD, items, attend_block)
+        return o_BTHE.astype(q_BTHD.dtype), (q_BTHD, items, o_BTHE, lse_BTH)
+
+    def ring_vjp_bwd(res, do_BTHE):
+        q_BTHD, items = res[0], res[1]
+        dq_BTHD, d_items = ring_backward(*res, do_BTHE)
+        return dq_BTHD.astype(q_BTHD.dtype), jax.tree.map(lambda d, x: d.astype(x.dtype), d_items, items)
+
+    ring_vjp.defvjp(ring_vjp_fwd, ring_vjp_bwd)
+
+    def ring(q_BTHD, items):
+        if closes_over_weights or c == 1:
+            return ring_forward(q_BTHD, items, jax.checkpoint(attend_block))[0].astype(q_BTHD.dtype)
+        return ring_vjp(q_BTHD, items)
 
     def gathered(q_BTHD, items):
         me = jax.lax.axis_index(AXIS)
