@@ -11,8 +11,11 @@ function that turns a block of items into keys and values.  Inside ``jax.shard_m
 * ``context_impl="ring"``: C steps; at step s device i attends to the items of device i - s
   (a ``ppermute`` passes them on while the block is computed) with the blocked online softmax
   (``blocked.blocked_attention_lse``), and the partial results are merged exactly by their
-  log-sum-exps.  Each step is rematerialised in the backward pass, so a device keeps the
-  items it received, not the keys and values expanded from them.
+  log-sum-exps.  The backward pass sends the items round again with float32 gradient
+  accumulators beside them (a custom VJP), so a device keeps only its own queries, items, output
+  and log-sum-exp; an expansion that closes over weights is differentiated by JAX instead.
+  Decoding over a cache split on the same axis merges per-device partials the same way
+  (:func:`sharded_cache_attention`).
 * ``context_impl="allgather"``: one ``all_gather`` of the items, then blocked attention over all
   keys.
 
