@@ -91,10 +91,11 @@ def _varying_axes(a: jax.Array) -> frozenset:
     return frozenset(manual.varying) if manual is not None else frozenset(getattr(aval, "vma", ()))
 
 
-def _varying(x: _Tiled, *inits: jax.Array) -> tuple[jax.Array, ...]:
-    """``inits`` (a loop's initial carry) marked as varying over the manual mesh axes the inputs vary
-    over, so that the loops type-check inside ``shard_map`` (context-parallel attention)."""
-    vma = frozenset().union(*(_varying_axes(a) for a in x))
+def varying_like(arrays, *inits: jax.Array) -> tuple[jax.Array, ...]:
+    """``inits`` (a loop's initial carry) marked as varying over the manual mesh axes any of
+    ``arrays`` varies over, so that loops type-check inside ``shard_map`` (context parallelism);
+    unchanged elsewhere."""
+    vma = frozenset().union(*(_varying_axes(a) for a in arrays))
     return tuple(lax.pcast(a, tuple(sorted(vma)), to="varying") for a in inits) if vma else inits
 
 
@@ -144,8 +145,8 @@ def _forward(x: _Tiled, g: int, scale: float, bk: int):
             return m_new, alpha_BKT * l_BKT + p_BKTS.sum(-1), alpha_BKT[..., None] * acc_BKTE + pv_BKTE
 
         n_blocks = _cdiv(_reach(pos_BT, x.kv_len_B, s), bk)
-        init = _varying(x, jnp.full((b, kv, rows), -jnp.inf, _F32), jnp.zeros((b, kv, rows), _F32),
-                        jnp.zeros((b, kv, rows, e), _F32))
+        init = varying_like(x, jnp.full((b, kv, rows), -jnp.inf, _F32), jnp.zeros((b, kv, rows), _F32),
+                            jnp.zeros((b, kv, rows, e), _F32))
         m_BKT, l_BKT, acc_BKTE = lax.fori_loop(0, n_blocks, body, init)
         seen = l_BKT > 0
         o_BKTE = jnp.where(seen[..., None], acc_BKTE / jnp.where(seen, l_BKT, 1.0)[..., None], 0.0)
@@ -187,8 +188,8 @@ def _backward(x: _Tiled, o_QBKTE: jax.Array, lse_QBKT: jax.Array, do_QBKTE: jax.
             return dq_QBKTD.at[i].add(dq_BKTD), dk_BKSD_j, dv_BKSE_j
 
         first = jnp.sum(tile_reach_Q <= j * bk)  # tiles before this one see no key of block j
-        zeros = _varying(x, jnp.zeros((b, kv, bk, x.k_BKSD.shape[-1]), _F32),
-                         jnp.zeros((b, kv, bk, x.v_BKSE.shape[-1]), _F32))
+        zeros = varying_like(x, jnp.zeros((b, kv, bk, x.k_BKSD.shape[-1]), _F32),
+                             jnp.zeros((b, kv, bk, x.v_BKSE.shape[-1]), _F32))
         dq_QBKTD, dk_j, dv_j = lax.fori_loop(first, n_q, query_tile, (dq_QBKTD, *zeros))
         start = jnp.minimum(j * bk, s - bk)  # the clamped last block: shared keys got exact zeros
         add = lambda buf, new: lax.dynamic_update_slice_in_dim(
@@ -196,8 +197,8 @@ def _backward(x: _Tiled, o_QBKTE: jax.Array, lse_QBKT: jax.Array, do_QBKTE: jax.
         return dq_QBKTD, add(dk_BKSD, dk_j), add(dv_BKSE, dv_j), count + n_q - first
 
     n_blocks = _cdiv(_reach(x.pos_QBT, x.kv_len_B, s), bk)
-    init = _varying(x, jnp.zeros(x.q_QBKTD.shape, _F32), jnp.zeros(x.k_BKSD.shape, _F32),
-                    jnp.zeros(x.v_BKSE.shape, _F32), jnp.zeros((), jnp.int32))
+    init = varying_like(x, jnp.zeros(x.q_QBKTD.shape, _F32), jnp.zeros(x.k_BKSD.shape, _F32),
+                        jnp.zeros(x.v_BKSE.shape, _F32), jnp.zeros((), jnp.int32))
     return lax.fori_loop(0, n_blocks, key_block, init)
 
 

@@ -55,7 +55,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from .blocked import _varying_axes
+from .blocked import varying_like
 from .core import attention_mask, filled_BS
 
 __all__ = ["flashtpa_decode", "flashtpa_decode_plain_q", "flashtpa_prefill", "flashtpa_prefill_plain_q"]
@@ -142,20 +142,13 @@ def _blocked_attention(a_q_BTPH: Optional[jax.Array], b_q_BTPD: jax.Array, a_k_B
 
     init = (jnp.full((batch, h, t), -jnp.inf, _F32), jnp.zeros((batch, h, t), _F32),
             jnp.zeros((batch, h, t, e), _F32))
-    m_BHT, l_BHT, acc_BHTE = lax.fori_loop(0, n_blocks, body, _varying_like(a_k_BSRH, init))
+    m_BHT, l_BHT, acc_BHTE = lax.fori_loop(0, n_blocks, body, varying_like((a_k_BSRH,), *init))
     # (5) o = s_V * y / l; rows that saw nothing (l == 0) give 0
     o_BHTE = jnp.where(l_BHT[..., None] > 0, acc_BHTE / jnp.where(l_BHT > 0, l_BHT, 1.0)[..., None], 0.0) / v_rank
     if with_lse:
         lse_BHT = jnp.where(l_BHT > 0, m_BHT + jnp.log(jnp.where(l_BHT > 0, l_BHT, 1.0)), -jnp.inf)
         return o_BHTE.transpose(0, 2, 1, 3), lse_BHT.transpose(0, 2, 1)
     return o_BHTE.transpose(0, 2, 1, 3)
-
-
-def _varying_like(x: jax.Array, init: tuple) -> tuple:
-    """The loop's initial carry, varying over the manual mesh axes ``x`` varies over (inside the
-    sharded-cache ``shard_map``; unchanged elsewhere)."""
-    vma = _varying_axes(x)
-    return tuple(lax.pcast(a, tuple(sorted(vma)), to="varying") for a in init) if vma else init
 
 
 def flashtpa_partial(a_q_BTPH: Optional[jax.Array], b_q_BTPD: jax.Array, a_k_BSRH: jax.Array, b_k_BSRD: jax.Array,
