@@ -80,3 +80,11 @@ def cache_shardings(cfg: ModelConfig, cache: Cache, mesh: jax.sharding.Mesh) -> 
     tensor (TPA's head-shared B factors and MLA's latent are replicated over tensor), with the
     same divisibility fallback as the parameters."""
     return parallel.tree_shardings(cache_logical_axes(cfg), cache, mesh)
+
+
+def decode_compiler_options() -> dict[str, Any]:
+    """XLA options for a jitted decode step with a donated cache.  On a CPU: copy insertion by region
+    analysis, which sees that the layer loop only reads the cache and that the one write after it
+    can update the donated buffer in place (the default analysis copies the whole cache every
+    step).  Elsewhere none."""
+    return {"xla_cpu_copy_insertion_use_region_analysis": True} if jax.default_backend() == "cpu" else {}

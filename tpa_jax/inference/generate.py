@@ -36,7 +36,7 @@ from jax import lax
 from ..config import ModelConfig
 from ..model import logits_fn
 from .. import parallel
-from .cache import check_context_divides, init_cache
+from .cache import check_context_divides, decode_compiler_options, init_cache
 
 __all__ = ["Generation", "generate", "sample_logits", "prepare_prompts", "length_bucket", "count_compiles"]
 
@@ -156,8 +156,7 @@ def sample_logits(logits_BV: jax.Array, key: jax.Array, *, temperature: Union[fl
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "buffer", "top_k", "greedy", "use_top_p", "pad_id"))
-def _generate(params, prompts, prompt_lengths, cache, key, temperature, top_p, stop_tokens, max_new_tokens, *,
+def _generate_impl(params, prompts, prompt_lengths, cache, key, temperature, top_p, stop_tokens, max_new_tokens, *,
               cfg: ModelConfig, buffer: int, top_k, greedy: bool, use_top_p: bool, pad_id: int):
     forward = logits_fn(cfg)
     batch = prompts.shape[0]
@@ -187,6 +186,15 @@ def _generate(params, prompts, prompt_lengths, cache, key, temperature, top_p, s
     state = (jnp.int32(1), cache, tok, out, done, n_gen)
     _, _, _, out, _, n_gen = lax.while_loop(cond, body, state)
     return out, n_gen
+
+
+
+@functools.cache
+def _generate_jit():
+    """The jitted prefill-and-decode loop, compiled with ``decode_compiler_options`` (made on first
+    use: the options depend on the backend)."""
+    return jax.jit(_generate_impl, static_argnames=("cfg", "buffer", "top_k", "greedy", "use_top_p", "pad_id"),
+                   compiler_options=decode_compiler_options())
 
 
 def generate(params: Any, cfg: ModelConfig, prompt_tokens: Prompts, max_new_tokens: int, *,
@@ -230,7 +238,7 @@ def generate(params: Any, cfg: ModelConfig, prompt_tokens: Prompts, max_new_toke
     greedy = temperature < GREEDY_BELOW
     # host arrays go to the jitted call as numpy: jnp.asarray would compile a transfer per new shape
     with parallel.mesh_context(mesh) if mesh is not None else contextlib.nullcontext():
-        out, n = _generate(params, prompts, lengths, cache, jax.random.key(int(seed)),
+        out, n = _generate_jit()(params, prompts, lengths, cache, jax.random.key(int(seed)),
                            np.float32(temperature if not greedy else 1.0), np.float32(top_p or 1.0),
                            stops, np.int32(max_new_tokens), cfg=cfg, buffer=buffer, top_k=top_k,
                            greedy=greedy, use_top_p=top_p is not None, pad_id=int(pad_id))

@@ -27,7 +27,7 @@ from ..parallel import constrain
 from ..config import ModelConfig
 from .attention import AttentionMask, attention_class
 from .attention.context import check_divides, context_size, stripe, unstripe
-from .attention.core import LayerCache
+from .attention.core import LayerCache, write_stack
 from .layers import Embedding, RMSNorm, SwiGLU
 from .rope import Rope, rope_tables
 
@@ -43,16 +43,20 @@ class Block(nn.Module):
     """Pre-norm block: x + attn(RMSNorm(x)), then + SwiGLU(RMSNorm(x)).
 
     The scan carry is x, or with a decode cache (x, the stacked cache {name: [L, B, S, ...]}) with
-    ``layer`` this block's index: the layer writes its new tokens into the stack in place and reads
-    its rows from it, so the whole cache travels through the layer loop without copies."""
+    ``layer`` this block's index: the layer reads its rows from the stack and writes its new tokens
+    into it in place, so the whole cache travels through the layer loop without copies.  With
+    ``deferred`` (one-token decoding) the loop only reads the stack: the layer's new items are its
+    scan output, written into the stack after the loop (``core.LayerCache``)."""
 
     cfg: ModelConfig
 
     @nn.compact
     def __call__(self, carry: Any, rope: Rope, key_rope: Optional[Rope], mask: AttentionMask,
-                 start_B: Optional[jax.Array], layer: Optional[jax.Array]) -> tuple[Any, None]:
+                 start_B: Optional[jax.Array], layer: Optional[jax.Array], deferred: bool = False
+                 ) -> tuple[Any, Any]:
         cfg = self.cfg
-        x_BTM, cache = (carry[0], LayerCache(carry[1], layer)) if isinstance(carry, tuple) else (carry, None)
+        x_BTM, cache = ((carry[0], LayerCache(carry[1], layer, deferred)) if isinstance(carry, tuple)
+                        else (carry, None))
         x_BTM = constrain(x_BTM, ACTIVATION_AXES)  # the residual stream's layout at every block boundary
         h_BTM = RMSNorm(cfg, cfg.d_model, cfg.norm_eps, cfg.norm_weight, name="attn_norm")(x_BTM)
         a_BTM, cache = attention_class(cfg)(cfg, name="attn")(h_BTM, rope, mask, cache=cache, key_rope=key_rope,
@@ -61,7 +65,9 @@ class Block(nn.Module):
         h_BTM = RMSNorm(cfg, cfg.d_model, cfg.norm_eps, cfg.norm_weight, name="mlp_norm")(x_BTM)
         x_BTM = x_BTM + SwiGLU(cfg, name="mlp")(h_BTM).astype(x_BTM.dtype)
         x_BTM = constrain(x_BTM, ACTIVATION_AXES)
-        return (x_BTM if cache is None else (x_BTM, cache.layers)), None
+        if cache is None:
+            return x_BTM, None
+        return (x_BTM, cache.layers), cache.pending
 
 
 class Transformer(nn.Module):
@@ -79,7 +85,7 @@ class Transformer(nn.Module):
             block,
             variable_axes={"params": 0},
             split_rngs={"params": True},
-            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0),
+            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast),
             length=cfg.n_layer,
             unroll=1 if cfg.scan_layers else cfg.n_layer,
             metadata_params={nn.PARTITION_NAME: "layers"},
@@ -110,7 +116,7 @@ class Transformer(nn.Module):
                 check_divides(t, c)
             if striped:  # every context shard holds every C-th token (context.py); undone before the head
                 x_BTM, positions = stripe(x_BTM, c), stripe(positions, c, axis=positions.ndim - 1)
-            x_BTM, _ = self.blocks(x_BTM, tables(positions), None, AttentionMask(), None, None)
+            x_BTM, _ = self.blocks(x_BTM, tables(positions), None, AttentionMask(), None, None, False)
             x_BTM = unstripe(x_BTM, c) if striped else x_BTM
             return self.embed.attend(self.final_norm(x_BTM))
         lengths_B = cache["lengths"]
@@ -120,9 +126,12 @@ class Transformer(nn.Module):
         q_positions_BT = lengths_B[:, None] + index_T[None, :]
         key_positions_S = jnp.arange(max_len, dtype=jnp.int32)
         mask = AttentionMask(q_positions_BT, lengths_B + t)  # keys: the cache rows 0..max_len-1
-        (x_BTM, layers), _ = self.blocks((x_BTM, cache["layers"]), tables(q_positions_BT),
-                                         tables(key_positions_S[None, :]), mask, lengths_B,
-                                         jnp.arange(cfg.n_layer, dtype=jnp.int32))
+        deferred = t == 1 and context_size() == 1  # decode: the layer loop only reads the cache
+        (x_BTM, layers), pending = self.blocks((x_BTM, cache["layers"]), tables(q_positions_BT),
+                                               tables(key_positions_S[None, :]), mask, lengths_B,
+                                               jnp.arange(cfg.n_layer, dtype=jnp.int32), deferred)
+        if deferred:
+            layers = write_stack(layers, pending, lengths_B)
         new_lengths_B = lengths_B + (t if valid_lengths is None else jnp.asarray(valid_lengths, jnp.int32))
         return self.embed.attend(self.final_norm(x_BTM)), {"lengths": new_lengths_B, "layers": layers}
 

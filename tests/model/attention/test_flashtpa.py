@@ -54,10 +54,12 @@ def test_decode_matches_reference(ranks):
     cache = _cache(rng, rk, rv, h, d, e)
     kw = _kw(rq, rk, rv, d)
     want = _decode_ref(aq, bq, *cache, LENGTHS, **kw)
-    for block in BLOCKS[ranks]:
-        o = flashtpa_decode(aq, bq, *cache, jnp.array(LENGTHS), block_size=block, **kw)
+    for block in BLOCKS[ranks]:  # the block loop (what accelerators run) ...
+        o = flashtpa_decode(aq, bq, *cache, jnp.array(LENGTHS), block_size=block, one_pass=False, **kw)
         assert o.shape == (B, h, e) and o.dtype == jnp.float32
         np.testing.assert_allclose(np.asarray(o), want, rtol=1e-5, atol=1e-5, err_msg=f"block_size={block}")
+    o = flashtpa_decode(aq, bq, *cache, jnp.array(LENGTHS), one_pass=True, **kw)  # ... and a CPU's one pass
+    np.testing.assert_allclose(np.asarray(o), want, rtol=1e-5, atol=1e-5, err_msg="one pass")
 
 
 def test_decode_plain_query_matches_reference():
@@ -69,9 +71,11 @@ def test_decode_plain_query_matches_reference():
     cache = _cache(rng, rk, rv, h, d, e)
     kw = _kw(h, rk, rv, d)
     want = _decode_ref(np.broadcast_to(h * np.eye(h), (B, h, h)), q, *cache, LENGTHS, **kw)
-    o = flashtpa_decode_plain_q(q, *cache, jnp.array(LENGTHS), block_size=8, k_rank=rk, v_rank=rv, scale=kw["scale"])
-    assert o.shape == (B, h, e)
-    np.testing.assert_allclose(np.asarray(o), want, rtol=1e-5, atol=1e-5)
+    for one_pass in (False, True):
+        o = flashtpa_decode_plain_q(q, *cache, jnp.array(LENGTHS), block_size=8, k_rank=rk, v_rank=rv,
+                                    scale=kw["scale"], one_pass=one_pass)
+        assert o.shape == (B, h, e)
+        np.testing.assert_allclose(np.asarray(o), want, rtol=1e-5, atol=1e-5, err_msg=f"one_pass={one_pass}")
 
 
 @pytest.mark.parametrize("ranks", list(RANKS))
@@ -137,8 +141,9 @@ def test_chunked_prefill_continues_a_cache():
                                rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("one_pass", [False, True])
 @pytest.mark.parametrize("fill", [1e4, np.nan])
-def test_garbage_past_length_is_ignored(fill):
+def test_garbage_past_length_is_ignored(fill, one_pass):
     """Cache rows at or past each sequence's length must not reach the decode output.  The
     expectation is attention over each sequence's own truncated cache."""
     rng = np.random.default_rng(4)
@@ -150,12 +155,39 @@ def test_garbage_past_length_is_ignored(fill):
     dirty = [jnp.where((jnp.arange(S) < lens[:, None])[:, :, None, None], c, fill) for c in cache]
     want = np.concatenate([_decode_ref(aq[b:b + 1], bq[b:b + 1], *(c[b:b + 1, :lens[b]] for c in cache), lens[b:b + 1],
                                        **kw) for b in range(B)])
-    o = flashtpa_decode(aq, bq, *dirty, jnp.asarray(lens), block_size=8, **kw)
+    o = flashtpa_decode(aq, bq, *dirty, jnp.asarray(lens), block_size=8, one_pass=one_pass, **kw)
     np.testing.assert_allclose(np.asarray(o), want, rtol=1e-5, atol=1e-5)
     # the test has teeth: changing the last row inside a length changes the output
     touched = [c.at[2, 29].add(3.0) for c in dirty]
-    o = flashtpa_decode(aq, bq, *touched, jnp.asarray(lens), block_size=8, **kw)
+    o = flashtpa_decode(aq, bq, *touched, jnp.asarray(lens), block_size=8, one_pass=one_pass, **kw)
     assert np.abs(np.asarray(o)[2] - want[2]).max() > 1e-3
+
+
+@pytest.mark.parametrize("one_pass", [False, True])
+@pytest.mark.parametrize("plain_q", [False, True])
+def test_decode_with_the_new_token_apart(one_pass, plain_q):
+    """``new_kv``: the cache holds rows < lengths - 1 (rows from there on hold junk, finite with
+    ``finite_rows``), the query's own token comes separately; equal to the cache with it written in."""
+    rng = np.random.default_rng(8)
+    rq, rk, rv, h, d, e = RANKS["r622"]
+    kw = _kw(rq, rk, rv, d)
+    aq, bq = _rand(rng, B, rq, h), _rand(rng, B, rq, d)
+    cache = _cache(rng, rk, rv, h, d, e)
+    new = [_rand(rng, B, *c.shape[2:]) for c in cache]
+    rows = jnp.asarray(LENGTHS) - 1
+    written = [c.at[jnp.arange(B), rows].set(n) for c, n in zip(cache, new)]
+    if plain_q:
+        q = _rand(rng, B, h, d)
+        want = _decode_ref(np.broadcast_to(h * np.eye(h), (B, h, h)), q, *written, LENGTHS, **_kw(h, rk, rv, d))
+        run = lambda **f: flashtpa_decode_plain_q(q, *cache, jnp.array(LENGTHS), block_size=8, k_rank=rk, v_rank=rv,
+                                                  scale=kw["scale"], new_kv=tuple(new), one_pass=one_pass, **f)
+    else:
+        want = _decode_ref(aq, bq, *written, LENGTHS, **kw)
+        run = lambda **f: flashtpa_decode(aq, bq, *cache, jnp.array(LENGTHS), block_size=8, new_kv=tuple(new),
+                                          one_pass=one_pass, **kw, **f)
+    for finite in (False, True):
+        np.testing.assert_allclose(np.asarray(run(finite_rows=finite)), want, rtol=1e-5, atol=1e-5,
+                                   err_msg=f"finite_rows={finite}")
 
 
 def test_decode_bfloat16_inputs():
@@ -191,12 +223,12 @@ def test_no_materialised_q_k_v():
     cache = (sd((2, s, rk, h), jnp.float32), sd((2, s, rk, d), jnp.float32),
              sd((2, s, rv, h), jnp.float32), sd((2, s, rv, e), jnp.float32))
     kw = _kw(rq, rk, rv, d)
-    dec = jax.make_jaxpr(lambda *a: flashtpa_decode(*a, block_size=blk, **kw))(
-        sd((2, rq, h), jnp.float32), sd((2, rq, d), jnp.float32), *cache, sd((2,), jnp.int32))
+    dec = [jax.make_jaxpr(lambda *a: flashtpa_decode(*a, block_size=blk, one_pass=one, **kw))(
+        sd((2, rq, h), jnp.float32), sd((2, rq, d), jnp.float32), *cache, sd((2,), jnp.int32)) for one in (False, True)]
     pre = jax.make_jaxpr(lambda *a: flashtpa_prefill(*a, block_size=blk, q_block_size=s, **kw))(
         sd((2, s, rq, h), jnp.float32), sd((2, s, rq, d), jnp.float32), *cache)
-    for closed in (dec, pre):
+    for closed in (*dec, pre):
         shapes = set(_all_shapes(closed.jaxpr))
-        assert any(blk in sh for sh in shapes)  # the walk did reach inside the loop
+        assert closed is dec[1] or any(blk in sh for sh in shapes)  # the walk did reach inside the loop
         bad = [sh for sh in shapes if (h in sh and d in sh) or (blk in sh and h in sh and e in sh)]
         assert not bad, bad

@@ -41,25 +41,29 @@ def test_layer_matches_explicit_formula():
 
 def test_absorbed_attention_equals_explicit_keys_and_values():
     """Scoring and aggregating in the latent space (weight absorption) == softmax over
-    q_C.(c_KV W^UK) + q_R.k_R with values c_KV W^UV, under an arbitrary mask."""
+    q_C.(c_KV W^UK) + q_R.k_R with values c_KV W^UV, over the cache rows before each sequence's
+    length (rows past it hold junk) and the new token, whose items come separately."""
     cfg = cfg_of("mla")
     p = init_layer(MLAttention, cfg)
     rng = np.random.default_rng(2)
-    b, t, s, h = 2, 3, 7, cfg.n_head
-    q_c = rng.standard_normal((b, t, h, cfg.head_dim))
-    q_r = rng.standard_normal((b, t, h, cfg.rope_head_dim))
+    b, s, h = 2, 7, cfg.n_head
+    start = np.array([4, 6])
+    q_c = rng.standard_normal((b, 1, h, cfg.head_dim))
+    q_r = rng.standard_normal((b, 1, h, cfg.rope_head_dim))
     c_kv = rng.standard_normal((b, s, cfg.kv_lora_rank))
     k_r = rng.standard_normal((b, s, cfg.rope_head_dim))
-    mask = rng.random((b, t, s)) < 0.6
-    mask[..., 0] = True
-    got = MLAttention(cfg).apply({"params": as_f32(p)}, jnp.asarray(q_c, jnp.float32), jnp.asarray(q_r, jnp.float32),
-                                 {"c_kv": jnp.asarray(c_kv, jnp.float32), "k_r": jnp.asarray(k_r, jnp.float32)},
-                                 jnp.asarray(mask), method=MLAttention.absorbed_attention)
-    k_c = np.einsum("bsc,chd->bshd", c_kv, p["w_uk"])
-    v = np.einsum("bsc,che->bshe", c_kv, p["w_uv"])
-    logits = (np.einsum("bthd,bshd->bhts", q_c, k_c) + np.einsum("bthf,bsf->bhts", q_r, k_r)) * cfg.attn_scale
-    logits = np.where(mask[:, None], logits, -np.inf)
-    w = np.exp(logits - logits.max(-1, keepdims=True))
-    want = np.einsum("bhts,bshe->bthe", w / w.sum(-1, keepdims=True), v)
-    assert got.shape == (b, t, h, cfg.value_dim)
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    new = {"c_kv": rng.standard_normal((b, 1, cfg.kv_lora_rank)), "k_r": rng.standard_normal((b, 1, cfg.rope_head_dim))}
+    f32 = lambda x: jnp.asarray(x, jnp.float32)
+    got = MLAttention(cfg).apply({"params": as_f32(p)}, f32(q_c), f32(q_r), {"c_kv": f32(c_kv), "k_r": f32(k_r)},
+                                 jnp.asarray(start, jnp.int32), {n: f32(x) for n, x in new.items()},
+                                 method=MLAttention.absorbed_attention)
+    assert got.shape == (b, 1, h, cfg.value_dim)
+    for i in range(b):  # the union: the filled rows, then the new token
+        c_i = np.concatenate([c_kv[i, :start[i]], new["c_kv"][i]])
+        r_i = np.concatenate([k_r[i, :start[i]], new["k_r"][i]])
+        k_c = np.einsum("sc,chd->shd", c_i, p["w_uk"])
+        v = np.einsum("sc,che->she", c_i, p["w_uv"])
+        logits = (np.einsum("hd,shd->hs", q_c[i, 0], k_c) + np.einsum("hf,sf->hs", q_r[i, 0], r_i)) * cfg.attn_scale
+        w = np.exp(logits - logits.max(-1, keepdims=True))
+        want = np.einsum("hs,she->he", w / w.sum(-1, keepdims=True), v)
+        np.testing.assert_allclose(got[i, 0], want, rtol=1e-4, atol=1e-4)

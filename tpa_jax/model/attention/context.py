@@ -41,6 +41,7 @@ from jax.sharding import PartitionSpec as P
 
 from ...config import ModelConfig
 from .blocked import blocked_attention_lse, blocked_block_grads
+from .core import merge_parts
 
 AXIS = "context"
 Items = dict[str, jax.Array]
@@ -96,18 +97,6 @@ def _positions(layout: str, shard: jax.Array, tc: int, c: int) -> tuple[jax.Arra
     return base, base + stride * jnp.arange(tc, dtype=jnp.int32), stride
 
 
-def _merge(o_BTHE: jax.Array, lse_BTH: jax.Array, o2_BTHE: jax.Array, lse2_BTH: jax.Array):
-    """Attention over the union of two disjoint key sets from each one's (o, lse); -inf: no key."""
-    m = jnp.maximum(lse_BTH, lse2_BTH)
-    m = jnp.where(jnp.isfinite(m), m, 0.0)
-    w1, w2 = jnp.exp(lse_BTH - m), jnp.exp(lse2_BTH - m)
-    total = w1 + w2
-    seen = total > 0
-    total = jnp.where(seen, total, 1.0)
-    o = (w1[..., None] * o_BTHE + w2[..., None] * o2_BTHE) / total[..., None]
-    return o, jnp.where(seen, m + jnp.log(total), -jnp.inf)
-
-
 def context_attention(cfg: ModelConfig, q_BTHD: jax.Array, items: Items, expand: Expand) -> jax.Array:
     """Causal softmax(scale q k^T) v of the full forward, [B, T, H, E], with the length axis split over
     the ambient mesh's ``context`` axis: devices exchange ``items`` and expand them to keys and
@@ -149,7 +138,7 @@ def context_attention(cfg: ModelConfig, q_BTHD: jax.Array, items: Items, expand:
             o_BTHE, lse_BTH, items = carry
             ahead = pass_on(items)
             o_s, lse_s = step(q_BTHD, items, q_pos_T, (me - s) % c)
-            return (*_merge(o_BTHE, lse_BTH, o_s, lse_s), ahead), None
+            return (*merge_parts(o_BTHE, lse_BTH, o_s, lse_s), ahead), None
 
         carry = (*step(q_BTHD, items, q_pos_T, me), pass_on(items))  # step 0: this shard's own items
         if closes_over_weights:
@@ -159,7 +148,7 @@ def context_attention(cfg: ModelConfig, q_BTHD: jax.Array, items: Items, expand:
             carry, _ = jax.lax.scan(body, carry, jnp.arange(1, c - 1))
         o_BTHE, lse_BTH, ahead = carry
         o_s, lse_s = step(q_BTHD, ahead, q_pos_T, (me + 1) % c)  # step C - 1: nothing left to pass on
-        return _merge(o_BTHE, lse_BTH, o_s, lse_s)
+        return merge_parts(o_BTHE, lse_BTH, o_s, lse_s)
 
     def ring_backward(q_BTHD, items, o_BTHE, lse_BTH, do_BTHE):
         """(dq, d items): the items go round again; each device adds its queries' gradient with

@@ -91,31 +91,17 @@ def attend(q_BTHD: jax.Array, k_BSKD: jax.Array, v_BSKE: jax.Array, *, scale: fl
     return o_BKTE.reshape(b, kv, g, t, e).transpose(0, 3, 1, 2, 4).reshape(b, t, h, e)
 
 
-def attend_one(q_B1HD: jax.Array, k_BSKD: jax.Array, v_BSKE: jax.Array, *, scale: float, visible_BS: jax.Array,
-               streaming: bool) -> jax.Array:
-    """One query token per sequence against the cache rows ``visible_BS``: o [B, 1, H, E], float32 softmax.
-
-    ``streaming`` (used on a CPU) reads the cache in its own [B, S, K, D] order: each contraction
-    is one plain matmul over its contiguous rows -- the logits [S, K D] x [K D, H] against
-    block-diagonal queries (query head h meets only kv head h // G's features), the output
-    [H, S] x [S, K E] of which each head keeps its own kv head's block.  The K-fold extra flops are
-    cheap next to streaming the cache, and no transposed copy of it is made, as :func:`attend`'s
-    head-major einsums make on a CPU (which this falls back to otherwise).
-    """
-    if not streaming:
-        return attend(q_B1HD, k_BSKD, v_BSKE, scale=scale, mask_BTS=visible_BS[:, None])
-    b, _, h, d = q_B1HD.shape
-    s, kv, e = k_BSKD.shape[1], k_BSKD.shape[2], v_BSKE.shape[-1]
-    g = h // kv
-    eye_KJ = jnp.eye(kv, dtype=q_B1HD.dtype)
-    q_bd_BCN = jnp.einsum("bkgd,kj->bkdjg", q_B1HD.reshape(b, kv, g, d), eye_KJ).reshape(b, kv * d, h)
-    logits_BSH = jnp.einsum("bsc,bcn->bsn", k_BSKD.reshape(b, s, kv * d), q_bd_BCN.astype(k_BSKD.dtype),
-                            preferred_element_type=jnp.float32) * scale
-    logits_BSH = jnp.where(visible_BS[:, :, None], logits_BSH, jnp.finfo(jnp.float32).min)
-    probs_BSH = jax.nn.softmax(logits_BSH, axis=1)
-    o_BHJE = jnp.einsum("bsn,bsc->bnc", probs_BSH.astype(v_BSKE.dtype), v_BSKE.reshape(b, s, kv * e))
-    o_BHE = jnp.einsum("bkgje,kj->bkge", o_BHJE.reshape(b, kv, g, kv, e), eye_KJ.astype(o_BHJE.dtype))
-    return o_BHE.reshape(b, 1, h, e)
+def merge_parts(o_BTHE: jax.Array, lse_BTH: jax.Array, o2_BTHE: jax.Array, lse2_BTH: jax.Array):
+    """Attention over the union of two disjoint key sets from each one's (o, lse); lse -inf: no key.
+    Returns (o, lse) of the union, float32 statistics."""
+    m = jnp.maximum(lse_BTH, lse2_BTH)
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    w1, w2 = jnp.exp(lse_BTH - m), jnp.exp(lse2_BTH - m)
+    total = w1 + w2
+    seen = total > 0
+    total = jnp.where(seen, total, 1.0)
+    o = (w1[..., None] * o_BTHE + w2[..., None] * o2_BTHE) / total[..., None]
+    return o, jnp.where(seen, m + jnp.log(total), -jnp.inf)
 
 
 # ----------------------------------------------------------------------------------------- output
@@ -133,46 +119,100 @@ def output_params(module: nn.Module) -> tuple[jax.Array, Optional[RMSNorm]]:
 
 
 def project_out(cfg: ModelConfig, o_BTHE: jax.Array, w_o_HEM: jax.Array, norm: Optional[RMSNorm] = None) -> jax.Array:
-    """[per-head RMSNorm] then concatenate the heads and apply W_O (eq. 3.3): [B, T, M]."""
+    """[per-head RMSNorm] then concatenate the heads and apply W_O (eq. 3.3): [B, T, M].  One
+    contraction over the flattened (head, feature) axis, so a decode step reads W_O once as a
+    plain matrix (contracting two axes made XLA's CPU backend copy it transposed every step)."""
     if norm is not None:
         o_BTHE = norm(o_BTHE)
-    return jnp.einsum("bthe,hem->btm", cast(o_BTHE, cfg), cast(w_o_HEM, cfg))
+    b, t, h, e = o_BTHE.shape
+    return jnp.einsum("btc,cm->btm", cast(o_BTHE, cfg).reshape(b, t, h * e), cast(w_o_HEM, cfg).reshape(h * e, -1))
 
 
 # ----------------------------------------------------------------------------------------- caches
 class LayerCache(NamedTuple):
     """Layer ``index`` of the model's stacked decode cache, ``layers`` {name: [L, B, S, ...]}: what
-    the layer loop hands each layer, so that a layer writes its new tokens into the stack in place
-    and reads its rows straight from it (no per-layer slice is copied out and stacked back)."""
+    the layer loop hands each layer, so that a layer reads its rows straight from the stack (no
+    per-layer slice is copied out and stacked back).
+
+    Prefill writes its new tokens into the stack as it goes (``write_cache``; later reads see them).
+    One-token decoding (``deferred``) leaves the stack untouched inside the loop: ``write_cache``
+    only records the token's items in ``pending``, which the loop hands out per layer and the model
+    writes into every layer at once after it (:func:`write_stack`).  The loop then only reads the
+    donated stack, so XLA neither copies nor rewrites it.  The decode paths read the old rows
+    (``read_cache`` before ``write_cache``) and take the new token's items separately; a path that
+    reads after writing gets the rows with the pending token put in (a copy of the layer's rows)."""
 
     layers: dict[str, jax.Array]
     index: jax.Array
+    deferred: bool = False
+    pending: Optional[dict[str, jax.Array]] = None
+    start_B: Optional[jax.Array] = None
+
+
+def _bits(x: jax.Array) -> jax.Array:
+    """A 16-bit float array viewed as uint16 (other dtypes as they are).  Cache writes update the
+    bits: XLA's CPU backend widens a bfloat16 update of a whole buffer to float32 and back,
+    rewriting every row instead of updating one in place."""
+    return jax.lax.bitcast_convert_type(x, jnp.uint16) if x.dtype in (jnp.bfloat16, jnp.float16) else x
+
+
+def _unbits(x: jax.Array, dtype) -> jax.Array:
+    return x if x.dtype == dtype else jax.lax.bitcast_convert_type(x, dtype)
+
+
+def _put_rows(buf_BS: jax.Array, new_BT: jax.Array, start_B: jax.Array) -> jax.Array:
+    """Rows ``start_B[b] .. + T`` of each sequence of ``buf_BS`` [B, S, ...] set to ``new_BT`` [B, T, ...]."""
+    def put(buf_S: jax.Array, new_T: jax.Array, start: jax.Array) -> jax.Array:
+        bits = jax.lax.dynamic_update_slice_in_dim(_bits(buf_S), _bits(new_T.astype(buf_S.dtype)), start, 0)
+        return _unbits(bits, buf_S.dtype)
+
+    return jax.vmap(put)(buf_BS, new_BT, start_B)
+
+
+def write_stack(layers: dict[str, jax.Array], new: dict[str, jax.Array], start_B: jax.Array) -> dict[str, jax.Array]:
+    """Write every layer's new token at once: ``new[name]`` [L, B, 1, ...] at row ``start_B[b]`` of
+    sequence b of ``layers[name]`` [L, B, S, ...] (in place when the stack is donated)."""
+    def put(buf: jax.Array, new_LB1: jax.Array) -> jax.Array:
+        b, s = buf.shape[1], buf.shape[2]
+        rows_B = jnp.clip(start_B, 0, s - 1)
+        bits = _bits(buf).at[:, jnp.arange(b), rows_B].set(_bits(new_LB1[:, :, 0].astype(buf.dtype)),
+                                                           mode="promise_in_bounds")
+        return _unbits(bits, buf.dtype)
+
+    return {name: put(buf, new[name]) for name, buf in layers.items()}
 
 
 def write_cache(cache: dict[str, jax.Array] | LayerCache, items: dict[str, jax.Array],
                 start_B: jax.Array) -> dict[str, jax.Array] | LayerCache:
     """Write each new item [B, T, ...] at row ``start_B[b]`` of sequence b: into its cache leaf
-    [B, S, ...], or into layer ``index`` of a :class:`LayerCache` stack (in place: read the rows
-    after writing, from the returned cache)."""
+    [B, S, ...], or into layer ``index`` of a :class:`LayerCache` stack (in place), or for a
+    deferred one record them, to be written after the layer loop."""
+    if isinstance(cache, LayerCache) and cache.deferred:
+        return cache._replace(pending={name: items[name].astype(buf.dtype) for name, buf in cache.layers.items()},
+                              start_B=start_B)
     if isinstance(cache, LayerCache):
         b, t = next(iter(items.values())).shape[:2]
         s = next(iter(cache.layers.values())).shape[2]
         start_B = jnp.clip(start_B, 0, s - t)  # as dynamic_update_slice clamps the start
         rows_BT = start_B[:, None] + jnp.arange(t, dtype=start_B.dtype)[None, :]
         batch_BT = jnp.broadcast_to(jnp.arange(b)[:, None], (b, t))
-        return LayerCache({name: buf.at[cache.index, batch_BT, rows_BT].set(items[name].astype(buf.dtype),
-                                                                           mode="promise_in_bounds")
-                           for name, buf in cache.layers.items()}, cache.index)
 
-    def put(buf_S: jax.Array, new_T: jax.Array, start: jax.Array) -> jax.Array:
-        return jax.lax.dynamic_update_slice_in_dim(buf_S, new_T.astype(buf_S.dtype), start, 0)
+        def put_stack(buf: jax.Array, new: jax.Array) -> jax.Array:
+            bits = _bits(buf).at[cache.index, batch_BT, rows_BT].set(_bits(new.astype(buf.dtype)),
+                                                                     mode="promise_in_bounds")
+            return _unbits(bits, buf.dtype)
 
-    return {name: jax.vmap(put)(cache[name], items[name], start_B) for name in cache}
+        return cache._replace(layers={name: put_stack(buf, items[name]) for name, buf in cache.layers.items()})
+    return {name: _put_rows(cache[name], items[name], start_B) for name in cache}
 
 
 def read_cache(cache: dict[str, jax.Array] | LayerCache) -> dict[str, jax.Array]:
-    """The layer's cache leaves [B, S, ...] (of a :class:`LayerCache`: its layer of the stack)."""
+    """The layer's cache leaves [B, S, ...] (of a :class:`LayerCache`: its layer of the stack, with
+    a deferred write's pending token put in)."""
     if isinstance(cache, LayerCache):
-        return {name: jax.lax.dynamic_index_in_dim(buf, cache.index, 0, keepdims=False)
+        rows = {name: jax.lax.dynamic_index_in_dim(buf, cache.index, 0, keepdims=False)
                 for name, buf in cache.layers.items()}
+        if cache.pending is not None:
+            rows = {name: _put_rows(buf, cache.pending[name], cache.start_B) for name, buf in rows.items()}
+        return rows
     return cache

@@ -56,7 +56,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from .blocked import varying_like
-from .core import attention_mask, filled_BS
+from .core import attention_mask, filled_BS, merge_parts
 
 __all__ = ["flashtpa_decode", "flashtpa_decode_plain_q", "flashtpa_prefill", "flashtpa_prefill_plain_q"]
 
@@ -165,41 +165,118 @@ def flashtpa_partial(a_q_BTPH: Optional[jax.Array], b_q_BTPD: jax.Array, a_k_BSR
                               with_lse=True)
 
 
+ONE_PASS_MAX_ROWS = 2 ** 17  # on a CPU, decode reads up to this many cache rows in one pass
+
+
+def _one_pass(a_q_BPH: Optional[jax.Array], b_q_BPD: jax.Array, a_k_BSRH: jax.Array, b_k_BSRD: jax.Array,
+              a_v_BSUH: jax.Array, b_v_BSUE: jax.Array, kv_len_B: jax.Array, *, coef: float, v_rank: int,
+              finite_rows: bool = False) -> tuple[jax.Array, jax.Array]:
+    """Alg. 2 for one query per sequence in one pass over the rows ``s < kv_len_B[b]``: (o [B, H, E]
+    float32, lse [B, H]).  The same steps as :func:`_blocked_attention` with the whole cache as one
+    block, written so that every contraction streams the rows in their stored [B, S, ...] order
+    (GEMMs over S R rows, a fused reduction over R): on a CPU this runs near memory speed where
+    the block loop pays per-block overhead and transposes.  ``a_q_BPH=None``: TPA-KVonly's plain
+    query [B, H, D] as ``b_q_BPD``.  ``finite_rows``: rows past a length hold finite numbers, so
+    their zero probabilities suffice and the value factors need no masked copy."""
+    s_len = a_k_BSRH.shape[1]
+    rows_BS = filled_BS(kv_len_B, jnp.arange(s_len, dtype=jnp.int32))
+    if a_q_BPH is None:
+        mixed_BSRH = jnp.einsum("bsrd,bhd->bsrh", b_k_BSRD, b_q_BPD, preferred_element_type=_F32) * coef
+    else:  # (1) head-shared feature dots, (2) rank mixing: GEMMs over the S R rows
+        feat_BSRP = jnp.einsum("bsrd,bpd->bsrp", b_k_BSRD, b_q_BPD, preferred_element_type=_F32)
+        mixed_BSRH = jnp.einsum("bsrp,bph->bsrh", feat_BSRP, a_q_BPH.astype(_F32) * coef)
+    logits_BSH = jnp.sum(mixed_BSRH * a_k_BSRH.astype(_F32), axis=2)
+    logits_BSH = jnp.where(rows_BS[:, :, None], logits_BSH, -jnp.inf)
+    m_BH = logits_BSH.max(axis=1)  # (3) softmax statistics
+    m_safe = jnp.where(jnp.isfinite(m_BH), m_BH, 0.0)
+    p_BSH = jnp.exp(logits_BSH - m_safe[:, None])
+    l_BH = p_BSH.sum(axis=1)
+    if not finite_rows:  # (4) p (.) a_V, then contract (s, u) with b_V
+        keep = rows_BS[:, :, None, None]
+        a_v_BSUH, b_v_BSUE = jnp.where(keep, a_v_BSUH, 0), jnp.where(keep, b_v_BSUE, 0)
+    w_BSUH = p_BSH[:, :, None, :] * a_v_BSUH.astype(_F32)
+    y_BHE = jnp.einsum("bsuh,bsue->bhe", w_BSUH, b_v_BSUE.astype(_F32))
+    seen = l_BH > 0  # (5) o = y / (l R_V)
+    o_BHE = y_BHE / (jnp.where(seen, l_BH, 1.0)[..., None] * v_rank)
+    return o_BHE, jnp.where(seen, m_safe + jnp.log(jnp.where(seen, l_BH, 1.0)), -jnp.inf)
+
+
+def _new_token_part(a_q_BPH: Optional[jax.Array], b_q_BPD: jax.Array, new_kv: tuple, *, coef: float, v_rank: int
+                    ) -> tuple[jax.Array, jax.Array]:
+    """(o, lse) of each query against its own token alone (factors [B, R|U, H|D|E]): o = its V, lse = its logit."""
+    a_k, b_k, a_v, b_v = (x.astype(_F32) for x in new_kv)
+    if a_q_BPH is None:
+        logit_BH = jnp.einsum("brh,brd,bhd->bh", a_k, b_k, b_q_BPD.astype(_F32)) * coef
+    else:
+        feat_BPR = jnp.einsum("bpd,brd->bpr", b_q_BPD.astype(_F32), b_k)
+        logit_BH = jnp.einsum("bpr,bph,brh->bh", feat_BPR, a_q_BPH.astype(_F32) * coef, a_k)
+    return jnp.einsum("buh,bue->bhe", a_v, b_v) / v_rank, logit_BH
+
+
+def _decode(a_q_BPH: Optional[jax.Array], b_q_BPD: jax.Array, kv: tuple, lengths_B: jax.Array,
+            new_kv: Optional[tuple], *, coef: float, v_rank: int, block_size: int, finite_rows: bool,
+            one_pass: Optional[bool]) -> jax.Array:
+    """The two decode forms (query at ``lengths - 1``): o [B, H, E] float32.  With ``new_kv`` the cache
+    holds the rows before the query's own token, whose factors come separately and join by
+    log-sum-exp.  ``one_pass`` None: one pass on a CPU up to :data:`ONE_PASS_MAX_ROWS` rows, otherwise
+    the block loop."""
+    s_len = kv[0].shape[1]
+    kv_len_B = lengths_B - 1 if new_kv is not None else lengths_B
+    if one_pass is None:
+        one_pass = jax.default_backend() == "cpu" and s_len <= ONE_PASS_MAX_ROWS
+    if one_pass:
+        o_BHE, lse_BH = _one_pass(a_q_BPH, b_q_BPD, *kv, kv_len_B, coef=coef, v_rank=v_rank, finite_rows=finite_rows)
+    else:
+        a_q = None if a_q_BPH is None else a_q_BPH[:, None]
+        o_BTHE, lse_BTH = _blocked_attention(a_q, b_q_BPD[:, None], *kv, (lengths_B - 1)[:, None], kv_len_B,
+                                             coef=coef, v_rank=v_rank, block=max(1, min(block_size, s_len)),
+                                             with_lse=True)
+        o_BHE, lse_BH = o_BTHE[:, 0], lse_BTH[:, 0]
+    if new_kv is None:
+        return o_BHE
+    return merge_parts(o_BHE, lse_BH, *_new_token_part(a_q_BPH, b_q_BPD, new_kv, coef=coef, v_rank=v_rank))[0]
+
+
 # ----------------------------------------------------------------------------- decode (Alg. 2)
-@functools.partial(jax.jit, static_argnames=_STATIC + ("block_size",))
+@functools.partial(jax.jit, static_argnames=_STATIC + ("block_size", "finite_rows", "one_pass"))
 def flashtpa_decode(a_q_BPH: jax.Array, b_q_BPD: jax.Array, a_k_BSRH: jax.Array, b_k_BSRD: jax.Array,
                     a_v_BSUH: jax.Array, b_v_BSUE: jax.Array, lengths_B: jax.Array, *, q_rank: int, k_rank: int,
-                    v_rank: int, scale: float, block_size: int = 256) -> jax.Array:
+                    v_rank: int, scale: float, block_size: int = 256, new_kv: Optional[tuple] = None,
+                    finite_rows: bool = False, one_pass: Optional[bool] = None) -> jax.Array:
     """FlashTPA decoding (paper Algorithm 2): one query token per sequence against a factor cache.
 
     b_q (RoPE'd) and b_k (pre-rotated) as in the module docstring; ``lengths_B``: cache rows
     ``< lengths[b]`` are valid (the current token's own K/V included), and the query sits at
-    position ``lengths[b] - 1``.  Returns o [B, H, E].
+    position ``lengths[b] - 1``.  With ``new_kv`` = the current token's (a_k [B, R, H], b_k [B, R, D],
+    a_v [B, U, H], b_v [B, U, E]) the cache holds only the rows before it (a decode step that writes
+    the token after reading).  ``finite_rows``: the caller promises finite numbers in the rows past a
+    length (the model's zero-initialised caches), which lets a CPU skip masking the value factors.
+    ``one_pass``: True reads the cache in one pass, False in blocks of ``block_size`` rows, None
+    picks (one pass on a CPU up to :data:`ONE_PASS_MAX_ROWS` rows).  Returns o [B, H, E].
     """
-    s_len = a_k_BSRH.shape[1]
-    block = max(1, min(block_size, s_len))
     lengths_B = jnp.asarray(lengths_B, jnp.int32).reshape(-1)
-    o_BTHE = _blocked_attention(a_q_BPH[:, None], b_q_BPD[:, None], a_k_BSRH, b_k_BSRD, a_v_BSUH, b_v_BSUE,
-                                (lengths_B - 1)[:, None], lengths_B, coef=scale / (q_rank * k_rank),
-                                v_rank=v_rank, block=block)
-    return o_BTHE[:, 0].astype(jnp.result_type(a_v_BSUH, b_v_BSUE))
+    o_BHE = _decode(a_q_BPH, b_q_BPD, (a_k_BSRH, b_k_BSRD, a_v_BSUH, b_v_BSUE), lengths_B, new_kv,
+                    coef=scale / (q_rank * k_rank), v_rank=v_rank, block_size=block_size, finite_rows=finite_rows,
+                    one_pass=one_pass)
+    return o_BHE.astype(jnp.result_type(a_v_BSUH, b_v_BSUE))
 
 
-@functools.partial(jax.jit, static_argnames=("k_rank", "v_rank", "scale", "block_size"))
+@functools.partial(jax.jit, static_argnames=("k_rank", "v_rank", "scale", "block_size", "finite_rows", "one_pass"))
 def flashtpa_decode_plain_q(q_BHD: jax.Array, a_k_BSRH: jax.Array, b_k_BSRD: jax.Array, a_v_BSUH: jax.Array,
                             b_v_BSUE: jax.Array, lengths_B: jax.Array, *, k_rank: int, v_rank: int, scale: float,
-                            block_size: int = 256) -> jax.Array:
+                            block_size: int = 256, new_kv: Optional[tuple] = None, finite_rows: bool = False,
+                            one_pass: Optional[bool] = None) -> jax.Array:
     """Algorithm 2 for TPA-KVonly: a plain (RoPE'd) query [B, H, D] against factorised K/V.
 
     Logits are ``sum_r a_k[s, r, h] <q_h, b_k[s, r]> / R_K``: K is never formed.  Same cache layout,
-    masking and online softmax as :func:`flashtpa_decode`; returns o [B, H, E].
+    masking, online softmax, ``new_kv``, ``finite_rows`` and ``one_pass`` as :func:`flashtpa_decode`;
+    returns o [B, H, E].
     """
-    s_len = a_k_BSRH.shape[1]
-    block = max(1, min(block_size, s_len))
     lengths_B = jnp.asarray(lengths_B, jnp.int32).reshape(-1)
-    o_BTHE = _blocked_attention(None, q_BHD[:, None], a_k_BSRH, b_k_BSRD, a_v_BSUH, b_v_BSUE,
-                                (lengths_B - 1)[:, None], lengths_B, coef=scale / k_rank, v_rank=v_rank, block=block)
-    return o_BTHE[:, 0].astype(jnp.result_type(a_v_BSUH, b_v_BSUE))
+    o_BHE = _decode(None, q_BHD, (a_k_BSRH, b_k_BSRD, a_v_BSUH, b_v_BSUE), lengths_B, new_kv,
+                    coef=scale / k_rank, v_rank=v_rank, block_size=block_size, finite_rows=finite_rows,
+                    one_pass=one_pass)
+    return o_BHE.astype(jnp.result_type(a_v_BSUH, b_v_BSUE))
 
 
 # ----------------------------------------------------------------------------- prefill (Alg. 1)

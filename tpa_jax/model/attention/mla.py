@@ -22,7 +22,7 @@ from ...config import ModelConfig
 from ...parallel import constrain
 from ..layers import RMSNorm, cast, fan_in_init, param
 from ..rope import Rope, apply_rope
-from .core import AttentionMask, CacheLeaf, output_params, project_out, read_cache, write_cache
+from .core import AttentionMask, CacheLeaf, filled_BS, merge_parts, output_params, project_out, read_cache, write_cache
 from .context import context_size, expanded_partial, sharded_cache_attention, varying
 from .dispatch import attention_items
 
@@ -72,25 +72,38 @@ class MLAttention(nn.Module):
         k_r_BTF = apply_rope(jnp.einsum("btm,mf->btf", x_BTM, self._w("w_kr")), *rope)
         return {"c_kv": c_kv_BTC, "k_r": k_r_BTF}
 
-    def absorbed_attention(self, q_c_BTHD: jax.Array, q_r_BTHF: jax.Array, items: dict[str, jax.Array],
-                           mask_BTS: jax.Array) -> jax.Array:
-        """Decode with weight absorption (DeepSeek-V2): score and aggregate in the latent space, o [B, T, H, E].
+    def absorbed_attention(self, q_c_BTHD: jax.Array, q_r_BTHF: jax.Array, rows: dict[str, jax.Array],
+                           start_B: jax.Array, new: dict[str, jax.Array]) -> jax.Array:
+        """Decode with weight absorption (DeepSeek-V2): score and aggregate in the latent space, o [B, 1, H, E].
 
         q_C . k_C = (q_C W^UK^T) . c_KV, and sum_s p_s v_s = (sum_s p_s c_KV,s) W^UV, so the cached
         c_KV [S, d_c] is read as is and no per-head K or V is built: per cached token the cost is
-        h (2 d_c + d^R_h) instead of h d_c (d_h + d_v) for the up-projections alone.
+        h (2 d_c + d^R_h) instead of h d_c (d_h + d_v) for the up-projections alone.  ``rows`` are
+        the cache rows before the new token (``< start_B`` filled), whose own items ``new`` join
+        the softmax by log-sum-exp (``core.LayerCache``: the cache is written after it is read).
         """
         cfg = self.cfg
-        q_lat_BTHC = jnp.einsum("bthd,chd->bthc", q_c_BTHD, self._w("w_uk"))
-        c_kv_BSC = items["c_kv"].astype(q_lat_BTHC.dtype)
-        k_r_BSF = items["k_r"].astype(q_r_BTHF.dtype)
-        logits_BHTS = (jnp.einsum("bthc,bsc->bhts", q_lat_BTHC, c_kv_BSC, preferred_element_type=jnp.float32)
-                       + jnp.einsum("bthf,bsf->bhts", q_r_BTHF, k_r_BSF, preferred_element_type=jnp.float32)
-                       ) * cfg.attn_scale
-        logits_BHTS = jnp.where(mask_BTS[:, None], logits_BHTS, jnp.finfo(jnp.float32).min)
-        probs_BHTS = jax.nn.softmax(logits_BHTS, axis=-1)
-        o_lat_BTHC = jnp.einsum("bhts,bsc->bthc", probs_BHTS.astype(c_kv_BSC.dtype), c_kv_BSC)
-        return jnp.einsum("bthc,che->bthe", o_lat_BTHC, self._w("w_uv"))
+        q_lat_BHC = jnp.einsum("bhd,chd->bhc", q_c_BTHD[:, 0], self._w("w_uk")).astype(jnp.float32) * cfg.attn_scale
+        q_r_BHF = q_r_BTHF[:, 0].astype(jnp.float32) * cfg.attn_scale
+        c_kv_BSC, k_r_BSF = rows["c_kv"], rows["k_r"]
+        f32 = jnp.float32
+        logits_BSH = (jnp.einsum("bsc,bhc->bsh", c_kv_BSC, q_lat_BHC.astype(c_kv_BSC.dtype), preferred_element_type=f32)
+                      + jnp.einsum("bsf,bhf->bsh", k_r_BSF, q_r_BHF.astype(k_r_BSF.dtype), preferred_element_type=f32))
+        filled_BS_ = filled_BS(start_B, jnp.arange(c_kv_BSC.shape[1], dtype=jnp.int32))
+        logits_BSH = jnp.where(filled_BS_[:, :, None], logits_BSH, -jnp.inf)
+        m_BH = logits_BSH.max(axis=1)
+        m_safe = jnp.where(jnp.isfinite(m_BH), m_BH, 0.0)
+        p_BSH = jnp.exp(logits_BSH - m_safe[:, None])  # rows past the length: exactly 0 (and finite there)
+        l_BH = p_BSH.sum(axis=1)
+        seen = l_BH > 0
+        o_lat_BHC = jnp.einsum("bsh,bsc->bhc", p_BSH.astype(c_kv_BSC.dtype), c_kv_BSC,
+                               preferred_element_type=jnp.float32) / jnp.where(seen, l_BH, 1.0)[..., None]
+        lse_BH = jnp.where(seen, m_safe + jnp.log(jnp.where(seen, l_BH, 1.0)), -jnp.inf)
+        c_new_BC, k_r_new_BF = new["c_kv"][:, 0].astype(jnp.float32), new["k_r"][:, 0].astype(jnp.float32)
+        lse_new_BH = jnp.einsum("bhc,bc->bh", q_lat_BHC, c_new_BC) + jnp.einsum("bhf,bf->bh", q_r_BHF, k_r_new_BF)
+        o_new_BHC = jnp.broadcast_to(c_new_BC[:, None], o_lat_BHC.shape)
+        o_lat_BHC = merge_parts(o_lat_BHC, lse_BH, o_new_BHC, lse_new_BH)[0]
+        return jnp.einsum("bhc,che->bhe", o_lat_BHC.astype(q_c_BTHD.dtype), self._w("w_uv"))[:, None]
 
     def __call__(self, x_BTM: jax.Array, rope: Rope, mask: AttentionMask, cache: Optional[dict[str, jax.Array]] = None,
                  key_rope: Optional[Rope] = None, start_B: Optional[jax.Array] = None,
@@ -98,17 +111,20 @@ class MLAttention(nn.Module):
         """Full attention, or cached: the cache holds only c_KV and the shared RoPE key k_R."""
         cfg = self.cfg
         items = self.kv_items(x_BTM, rope)
+        q_c_BTHD, q_r_BTHF = self.queries(x_BTM, rope)
+        if (cache is not None and x_BTM.shape[1] == 1 and cfg.decode_impl != "materialize"
+                and context_size() == 1):  # absorbed decode: read the rows, then write the token (in place)
+            rows = read_cache(cache)
+            new = {name: items[name].astype(rows[name].dtype) for name in rows}  # as the cache will hold them
+            o_B1HE = self.absorbed_attention(q_c_BTHD, q_r_BTHF, rows, start_B, new)
+            return project_out(cfg, o_B1HE, self.w_o, self.out_norm), write_cache(cache, items, start_B)
         if cache is not None:
             cache = write_cache(cache, items, start_B)
             items = read_cache(cache)
-        q_c_BTHD, q_r_BTHF = self.queries(x_BTM, rope)
         if cache is not None and context_size() > 1:  # the cache's length axis is split over devices
             q_BTHD = jnp.concatenate([q_c_BTHD, q_r_BTHF], axis=-1)
             o_BTHE = sharded_cache_attention({"q": q_BTHD}, items, start_B, expanded_partial(cfg, self.keys_values))
             return project_out(cfg, o_BTHE.astype(x_BTM.dtype), self.w_o, self.out_norm), cache
-        if cache is not None and x_BTM.shape[1] == 1 and cfg.decode_impl != "materialize":
-            o_BTHE = self.absorbed_attention(q_c_BTHD, q_r_BTHF, items, mask.dense(1, items["c_kv"].shape[1]))
-            return project_out(cfg, o_BTHE, self.w_o, self.out_norm), cache
         # attend's head dim is the query/key dim d_h + d^R_h here
         q_BTHD = jnp.concatenate([q_c_BTHD, q_r_BTHF], axis=-1)
         o_BTHE = attention_items(cfg, q_BTHD, items, self.keys_values, key_rope, mask)

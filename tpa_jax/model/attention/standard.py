@@ -11,9 +11,9 @@ import jax.numpy as jnp
 from ...config import ModelConfig
 from ..layers import cast, fan_in_init, param
 from ..rope import Rope, apply_rope
-from .core import (AttentionMask, CacheLeaf, attend_one, filled_BS, output_params, project_out, read_cache,
-                   write_cache)
 from .context import context_size, expanded_partial, sharded_cache_attention
+from .core import AttentionMask, CacheLeaf, output_params, project_out, read_cache, write_cache
+from .decode import decode_attention, decode_form
 from .dispatch import attention_items
 
 
@@ -35,12 +35,6 @@ class StandardAttention(nn.Module):
         self.w_k = param(self, "w_k", fan_in_init(m), (m, kv, d), ("embed", "kv_heads", "head_dim"))
         self.w_v = param(self, "w_v", fan_in_init(m), (m, kv, e), ("embed", "kv_heads", "value_dim"))
         self.w_o, self.out_norm = output_params(self)
-
-    def streams_decode(self) -> bool:
-        """Whether one-token decoding reads the cache by ``core.attend_one``'s streaming matmuls: on a
-        CPU with one kv head (MQA).  With several kv heads the block-diagonal product costs K times
-        the flops and, at 32k tokens, measured slower there than the head-major einsums."""
-        return jax.default_backend() == "cpu" and self.cfg.kv_heads == 1
 
     def query(self, x_BTM: jax.Array, rope: Rope) -> jax.Array:
         """q [B, T, H, D], RoPE'd."""
@@ -66,13 +60,13 @@ class StandardAttention(nn.Module):
             o_BTHE = sharded_cache_attention({"q": self.query(x_BTM, rope)}, read_cache(cache), start_B,
                                              expanded_partial(cfg, self.keys_values))
             return project_out(cfg, o_BTHE.astype(x_BTM.dtype), self.w_o, self.out_norm), cache
-        if cache is not None and x_BTM.shape[1] == 1:  # decode: write in place, then read the rows
-            cache = write_cache(cache, items, start_B)
+        if cache is not None and x_BTM.shape[1] == 1:  # decode: read the old rows, then write the new one in place
             rows = read_cache(cache)
-            visible_BS = filled_BS(start_B + 1, jnp.arange(rows["k"].shape[1], dtype=jnp.int32))
-            o_B1HE = attend_one(self.query(x_BTM, rope), rows["k"], rows["v"], scale=cfg.attn_scale,
-                                visible_BS=visible_BS, streaming=self.streams_decode())
-            return project_out(cfg, o_B1HE, self.w_o, self.out_norm), cache
+            new = tuple(items[n].astype(rows[n].dtype) for n in ("k", "v"))  # as the cache will hold them
+            o_B1HE = decode_attention(self.query(x_BTM, rope), (rows["k"], rows["v"]), new, start_B,
+                                      scale=cfg.attn_scale, form=decode_form(cfg.kv_heads, cfg.n_head, rows["k"].dtype))
+            cache = write_cache(cache, items, start_B)
+            return project_out(cfg, o_B1HE.astype(x_BTM.dtype), self.w_o, self.out_norm), cache
         if cache is not None:
             cache = write_cache(cache, items, start_B)
             items = read_cache(cache)

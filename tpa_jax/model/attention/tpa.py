@@ -221,11 +221,13 @@ class TPAttention(nn.Module):
 
     # ---------------------------------------------------------------- attention
     def flash_attention(self, x_BTM: jax.Array, rope: Rope, key_rope: Rope, cache: dict[str, jax.Array],
-                        start_B: jax.Array) -> jax.Array:
+                        start_B: jax.Array, new_items: Optional[dict[str, jax.Array]] = None) -> jax.Array:
         """Cached attention straight from the factor cache (FlashTPA): K and V are never formed.  The
         T new tokens (already written at rows ``start_B``) sit at positions ``start_B + 0..T-1`` and
         see the cache rows ``< start_B + T``.  One token: decoding (paper Alg. 2, or its Pallas
-        kernel); several: the causal prefill of Alg. 1 over query tiles and key blocks."""
+        kernel); several: the causal prefill of Alg. 1 over query tiles and key blocks.  ``new_items``
+        (one-token FlashTPA decoding): the cache holds the rows before the token, whose own items
+        come separately (``core.LayerCache``: the cache is written after it is read)."""
         cfg = self.cfg
         x_BTM = cast(x_BTM, cfg)
         batch, t = x_BTM.shape[:2]
@@ -259,6 +261,10 @@ class TPAttention(nn.Module):
                                                    **kw, **span)
             return project_out(cfg, o_BTHE.astype(x_BTM.dtype), self.w_o, self.out_norm)
         lengths_B = start_B + 1
+        if new_items is not None:  # the token's own factors, RoPE'd at its position
+            f_new = self.kv_factors(new_items, rope, batch, 1)
+            kw["new_kv"] = tuple(f_new[n][:, 0] for n in ("a_k", "b_k", "a_v", "b_v"))
+            kw["finite_rows"] = True  # the model's caches: zero-initialised, written only with its own factors
         if plain_q:
             o_BHE = flashtpa.flashtpa_decode_plain_q(self.query(x_BTM, rope)[:, 0], *kv, lengths_B, **kw)
         else:
@@ -278,6 +284,12 @@ class TPAttention(nn.Module):
         Returns (out [B, T, M], cache)."""
         cfg = self.cfg
         items = self.kv_items(x_BTM, rope)
+        one_token = x_BTM.shape[1] == 1 and cfg.decode_impl == "flash" and context_size() == 1
+        if cache is not None and one_token:  # Alg. 2: read the rows, then write the token (in place)
+            rows = read_cache(cache)
+            new = {name: items[name].astype(rows[name].dtype) for name in rows}  # as the cache will hold them
+            o_BTM = self.flash_attention(x_BTM, rope, key_rope, rows, start_B, new_items=new)
+            return o_BTM, write_cache(cache, items, start_B)
         if cache is not None:
             cache = write_cache(cache, items, start_B)
             items = read_cache(cache)
