@@ -62,6 +62,18 @@ def test_decode_matches_reference(ranks):
     np.testing.assert_allclose(np.asarray(o), want, rtol=1e-5, atol=1e-5, err_msg="one pass")
 
 
+def test_one_pass_splits_the_rows_into_pieces():
+    """A cache of 40 rows (a multiple of ONE_PASS_PIECES) takes the one pass's split GEMMs."""
+    rng = np.random.default_rng(9)
+    rq, rk, rv, h, d, e = RANKS["r622"]
+    aq, bq = _rand(rng, B, rq, h), _rand(rng, B, rq, d)
+    cache = _cache(rng, rk, rv, h, d, e, s=40)
+    kw = _kw(rq, rk, rv, d)
+    want = _decode_ref(aq, bq, *cache, (1, 20, 40), **kw)
+    o = flashtpa_decode(aq, bq, *cache, jnp.array([1, 20, 40]), one_pass=True, **kw)
+    np.testing.assert_allclose(np.asarray(o), want, rtol=1e-5, atol=1e-5)
+
+
 def test_decode_plain_query_matches_reference():
     """TPA-KVonly's plain query q [B, H, D] is TPA with R_Q = H, A_Q = H I and B_Q[p] = q_p
     (Section 4), so the same reference applies."""

@@ -166,6 +166,7 @@ def flashtpa_partial(a_q_BTPH: Optional[jax.Array], b_q_BTPD: jax.Array, a_k_BSR
 
 
 ONE_PASS_MAX_ROWS = 2 ** 17  # on a CPU, decode reads up to this many cache rows in one pass
+ONE_PASS_PIECES = 8
 
 
 def _one_pass(a_q_BPH: Optional[jax.Array], b_q_BPD: jax.Array, a_k_BSRH: jax.Array, b_k_BSRD: jax.Array,
@@ -178,14 +179,18 @@ def _one_pass(a_q_BPH: Optional[jax.Array], b_q_BPD: jax.Array, a_k_BSRH: jax.Ar
     the block loop pays per-block overhead and transposes.  ``a_q_BPH=None``: TPA-KVonly's plain
     query [B, H, D] as ``b_q_BPD``.  ``finite_rows``: rows past a length hold finite numbers, so
     their zero probabilities suffice and the value factors need no masked copy."""
-    s_len = a_k_BSRH.shape[1]
+    batch, s_len = a_k_BSRH.shape[:2]
     rows_BS = filled_BS(kv_len_B, jnp.arange(s_len, dtype=jnp.int32))
+    # the rows split into ONE_PASS_PIECES pieces, a batch axis of every GEMM: XLA's CPU backend runs
+    # one long contraction on one thread, independent pieces on all of them
+    c = ONE_PASS_PIECES if s_len % ONE_PASS_PIECES == 0 else 1
+    split = lambda x: x.reshape(batch, c, s_len // c, *x.shape[2:])
     if a_q_BPH is None:
-        mixed_BSRH = jnp.einsum("bsrd,bhd->bsrh", b_k_BSRD, b_q_BPD, preferred_element_type=_F32) * coef
+        mixed_BCSRH = jnp.einsum("bcsrd,bhd->bcsrh", split(b_k_BSRD), b_q_BPD, preferred_element_type=_F32) * coef
     else:  # (1) head-shared feature dots, (2) rank mixing: GEMMs over the S R rows
-        feat_BSRP = jnp.einsum("bsrd,bpd->bsrp", b_k_BSRD, b_q_BPD, preferred_element_type=_F32)
-        mixed_BSRH = jnp.einsum("bsrp,bph->bsrh", feat_BSRP, a_q_BPH.astype(_F32) * coef)
-    logits_BSH = jnp.sum(mixed_BSRH * a_k_BSRH.astype(_F32), axis=2)
+        feat_BCSRP = jnp.einsum("bcsrd,bpd->bcsrp", split(b_k_BSRD), b_q_BPD, preferred_element_type=_F32)
+        mixed_BCSRH = jnp.einsum("bcsrp,bph->bcsrh", feat_BCSRP, a_q_BPH.astype(_F32) * coef)
+    logits_BSH = jnp.sum(mixed_BCSRH * split(a_k_BSRH).astype(_F32), axis=3).reshape(batch, s_len, -1)
     logits_BSH = jnp.where(rows_BS[:, :, None], logits_BSH, -jnp.inf)
     m_BH = logits_BSH.max(axis=1)  # (3) softmax statistics
     m_safe = jnp.where(jnp.isfinite(m_BH), m_BH, 0.0)
@@ -195,7 +200,7 @@ def _one_pass(a_q_BPH: Optional[jax.Array], b_q_BPD: jax.Array, a_k_BSRH: jax.Ar
         keep = rows_BS[:, :, None, None]
         a_v_BSUH, b_v_BSUE = jnp.where(keep, a_v_BSUH, 0), jnp.where(keep, b_v_BSUE, 0)
     w_BSUH = p_BSH[:, :, None, :] * a_v_BSUH.astype(_F32)
-    y_BHE = jnp.einsum("bsuh,bsue->bhe", w_BSUH, b_v_BSUE.astype(_F32))
+    y_BHE = jnp.einsum("bcsuh,bcsue->bhe", split(w_BSUH), split(b_v_BSUE).astype(_F32))
     seen = l_BH > 0  # (5) o = y / (l R_V)
     o_BHE = y_BHE / (jnp.where(seen, l_BH, 1.0)[..., None] * v_rank)
     return o_BHE, jnp.where(seen, m_safe + jnp.log(jnp.where(seen, l_BH, 1.0)), -jnp.inf)
