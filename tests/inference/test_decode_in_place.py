@@ -99,3 +99,22 @@ def test_deferred_layer_cache_reads_old_rows_and_records_the_token():
     want = stack[3].copy()
     want[0, 2], want[1, 5] = item[0, 0], item[1, 0]
     np.testing.assert_array_equal(np.asarray(read_cache(written)["x"]), want)
+
+
+@pytest.mark.parametrize("attention", ["tpa", "gqa"])
+def test_decode_under_remat_equals_plain(attention):
+    """A config trained with rematerialisation decodes too (the read-only layer loop survives remat),
+    and gives the plain config's logits: prefill, then two decode steps."""
+    kw = dict(n_kv_head=2) if attention == "gqa" else {}
+    plain, rematted = _cfg(attention, **kw), _cfg(attention, remat_policy="full", **kw)
+    params = init_params(plain, jax.random.PRNGKey(3))
+    tokens = jax.random.randint(jax.random.PRNGKey(4), (2, 5), 0, plain.vocab_size)
+    outs = []
+    for cfg in (plain, rematted):
+        cache, logits, steps = init_cache(cfg, 2, S), logits_fn(cfg), []
+        out, cache = logits(params, tokens[:, :3], cache=cache)
+        for i in (3, 4):
+            out, cache = logits(params, tokens[:, i:i + 1], cache=cache)
+            steps.append(out)
+        outs.append(np.asarray(jnp.concatenate(steps, axis=1)))
+    np.testing.assert_allclose(outs[1], outs[0], rtol=1e-5, atol=1e-5)

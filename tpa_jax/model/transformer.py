@@ -16,7 +16,7 @@ The entry point, pure functions of a (hashable, frozen) ``ModelConfig``, each bu
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import flax.linen as nn
 import jax
@@ -39,24 +39,31 @@ REMAT_POLICIES = {
 }
 
 
+class DecodeCarry(NamedTuple):
+    """The layer scan's carry in one-token decoding: the residual stream and the cache stack, which
+    the layers only read (its type tells the blocks so, and survives remat and scan)."""
+
+    x: jax.Array
+    layers: dict[str, jax.Array]
+
+
 class Block(nn.Module):
     """Pre-norm block: x + attn(RMSNorm(x)), then + SwiGLU(RMSNorm(x)).
 
     The scan carry is x, or with a decode cache (x, the stacked cache {name: [L, B, S, ...]}) with
     ``layer`` this block's index: the layer reads its rows from the stack and writes its new tokens
-    into it in place, so the whole cache travels through the layer loop without copies.  With
-    ``deferred`` (one-token decoding) the loop only reads the stack: the layer's new items are its
-    scan output, written into the stack after the loop (``core.LayerCache``)."""
+    into it in place, so the whole cache travels through the layer loop without copies.  With a
+    :class:`DecodeCarry` (one-token decoding) the loop only reads the stack: the layer's new items
+    are its scan output, written into the stack after the loop (``core.LayerCache``)."""
 
     cfg: ModelConfig
 
     @nn.compact
     def __call__(self, carry: Any, rope: Rope, key_rope: Optional[Rope], mask: AttentionMask,
-                 start_B: Optional[jax.Array], layer: Optional[jax.Array], deferred: bool = False
-                 ) -> tuple[Any, Any]:
+                 start_B: Optional[jax.Array], layer: Optional[jax.Array]) -> tuple[Any, Any]:
         cfg = self.cfg
-        x_BTM, cache = ((carry[0], LayerCache(carry[1], layer, deferred)) if isinstance(carry, tuple)
-                        else (carry, None))
+        x_BTM, cache = ((carry[0], LayerCache(carry[1], layer, isinstance(carry, DecodeCarry)))
+                        if isinstance(carry, tuple) else (carry, None))
         x_BTM = constrain(x_BTM, ACTIVATION_AXES)  # the residual stream's layout at every block boundary
         h_BTM = RMSNorm(cfg, cfg.d_model, cfg.norm_eps, cfg.norm_weight, name="attn_norm")(x_BTM)
         a_BTM, cache = attention_class(cfg)(cfg, name="attn")(h_BTM, rope, mask, cache=cache, key_rope=key_rope,
@@ -67,7 +74,8 @@ class Block(nn.Module):
         x_BTM = constrain(x_BTM, ACTIVATION_AXES)
         if cache is None:
             return x_BTM, None
-        return (x_BTM, cache.layers), cache.pending
+        out = (x_BTM, cache.layers)
+        return (DecodeCarry(*out) if cache.deferred else out), cache.pending
 
 
 class Transformer(nn.Module):
@@ -85,7 +93,7 @@ class Transformer(nn.Module):
             block,
             variable_axes={"params": 0},
             split_rngs={"params": True},
-            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast),
+            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0),
             length=cfg.n_layer,
             unroll=1 if cfg.scan_layers else cfg.n_layer,
             metadata_params={nn.PARTITION_NAME: "layers"},
@@ -116,7 +124,7 @@ class Transformer(nn.Module):
                 check_divides(t, c)
             if striped:  # every context shard holds every C-th token (context.py); undone before the head
                 x_BTM, positions = stripe(x_BTM, c), stripe(positions, c, axis=positions.ndim - 1)
-            x_BTM, _ = self.blocks(x_BTM, tables(positions), None, AttentionMask(), None, None, False)
+            x_BTM, _ = self.blocks(x_BTM, tables(positions), None, AttentionMask(), None, None)
             x_BTM = unstripe(x_BTM, c) if striped else x_BTM
             return self.embed.attend(self.final_norm(x_BTM))
         lengths_B = cache["lengths"]
@@ -127,9 +135,9 @@ class Transformer(nn.Module):
         key_positions_S = jnp.arange(max_len, dtype=jnp.int32)
         mask = AttentionMask(q_positions_BT, lengths_B + t)  # keys: the cache rows 0..max_len-1
         deferred = t == 1 and context_size() == 1  # decode: the layer loop only reads the cache
-        (x_BTM, layers), pending = self.blocks((x_BTM, cache["layers"]), tables(q_positions_BT),
-                                               tables(key_positions_S[None, :]), mask, lengths_B,
-                                               jnp.arange(cfg.n_layer, dtype=jnp.int32), deferred)
+        carry = DecodeCarry(x_BTM, cache["layers"]) if deferred else (x_BTM, cache["layers"])
+        (x_BTM, layers), pending = self.blocks(carry, tables(q_positions_BT), tables(key_positions_S[None, :]), mask,
+                                               lengths_B, jnp.arange(cfg.n_layer, dtype=jnp.int32))
         if deferred:
             layers = write_stack(layers, pending, lengths_B)
         new_lengths_B = lengths_B + (t if valid_lengths is None else jnp.asarray(valid_lengths, jnp.int32))
