@@ -1,11 +1,14 @@
 """tpa_jax.model.attention.decode: one-token attention of MHA / MQA / GQA against the cache rows
 before the token plus the token itself, in each form ("reduce", "gemm", "einsum"), against float64
 NumPy softmax attention; junk past each length (even NaN in K) must not reach the output."""
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from tpa_jax.model.attention.decode import DECODE_FORMS, decode_attention, decode_form
+
+_decode = jax.jit(decode_attention, static_argnames=("scale", "form"))  # one compile per case, not per op
 
 B, S, D, E = 3, 13, 8, 6
 
@@ -37,14 +40,14 @@ def test_every_form_equals_softmax_over_the_rows_and_the_token(form, heads):
     want = _reference(q, k, v, start, k_new, v_new, 0.3)
     k_dirty = np.where(np.arange(S)[None, :, None, None] < start[:, None, None, None], k, np.nan)
     f32 = lambda x: jnp.asarray(x, jnp.float32)
-    got = decode_attention(f32(q)[:, None], (f32(k_dirty), f32(v)), (f32(k_new), f32(v_new)), jnp.asarray(start),
+    got = _decode(f32(q)[:, None], (f32(k_dirty), f32(v)), (f32(k_new), f32(v_new)), jnp.asarray(start),
                            scale=0.3, form=form)
     assert got.shape == (B, 1, h, E)
     np.testing.assert_allclose(np.asarray(got[:, 0]), want, rtol=1e-5, atol=1e-5)
     # teeth: a row inside a length matters
     k_touched = k_dirty.copy()
     k_touched[1, 6] += 2.0
-    moved = decode_attention(f32(q)[:, None], (f32(k_touched), f32(v)), (f32(k_new), f32(v_new)), jnp.asarray(start),
+    moved = _decode(f32(q)[:, None], (f32(k_touched), f32(v)), (f32(k_new), f32(v_new)), jnp.asarray(start),
                              scale=0.3, form=form)
     assert np.abs(np.asarray(moved[1, 0]) - want[1]).max() > 1e-3
 
