@@ -91,6 +91,20 @@ def attend(q_BTHD: jax.Array, k_BSKD: jax.Array, v_BSKE: jax.Array, *, scale: fl
     return o_BKTE.reshape(b, kv, g, t, e).transpose(0, 3, 1, 2, 4).reshape(b, t, h, e)
 
 
+def row_softmax(logits_BSH: jax.Array, filled_BS: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Softmax statistics over the rows (axis 1) of float32 logits [B, S, H], rows where ``filled_BS``
+    is False left out: (p [B, S, H], exactly 0 at those rows; l [B, H], the sum, 1 where no row is
+    filled; lse [B, H], -inf there).  The output is ``sum_s p v / l`` (0 where nothing is filled)."""
+    logits_BSH = jnp.where(filled_BS[:, :, None], logits_BSH, -jnp.inf)
+    m_BH = logits_BSH.max(axis=1)
+    m_safe = jnp.where(jnp.isfinite(m_BH), m_BH, 0.0)
+    p_BSH = jnp.exp(logits_BSH - m_safe[:, None])
+    l_BH = p_BSH.sum(axis=1)
+    seen = l_BH > 0
+    l_BH = jnp.where(seen, l_BH, 1.0)
+    return p_BSH, l_BH, jnp.where(seen, m_safe + jnp.log(l_BH), -jnp.inf)
+
+
 def merge_parts(o_BTHE: jax.Array, lse_BTH: jax.Array, o2_BTHE: jax.Array, lse2_BTH: jax.Array):
     """Attention over the union of two disjoint key sets from each one's (o, lse); lse -inf: no key.
     Returns (o, lse) of the union, float32 statistics."""
@@ -169,15 +183,18 @@ def _put_rows(buf_BS: jax.Array, new_BT: jax.Array, start_B: jax.Array) -> jax.A
     return jax.vmap(put)(buf_BS, new_BT, start_B)
 
 
+def _set_rows(buf: jax.Array, index: tuple, new: jax.Array) -> jax.Array:
+    """``buf.at[index].set(new)`` (in bounds), a 16-bit buffer through its bits."""
+    bits = _bits(buf).at[index].set(_bits(new.astype(buf.dtype)), mode="promise_in_bounds")
+    return _unbits(bits, buf.dtype)
+
+
 def write_stack(layers: dict[str, jax.Array], new: dict[str, jax.Array], start_B: jax.Array) -> dict[str, jax.Array]:
     """Write every layer's new token at once: ``new[name]`` [L, B, 1, ...] at row ``start_B[b]`` of
     sequence b of ``layers[name]`` [L, B, S, ...] (in place when the stack is donated)."""
     def put(buf: jax.Array, new_LB1: jax.Array) -> jax.Array:
         b, s = buf.shape[1], buf.shape[2]
-        rows_B = jnp.clip(start_B, 0, s - 1)
-        bits = _bits(buf).at[:, jnp.arange(b), rows_B].set(_bits(new_LB1[:, :, 0].astype(buf.dtype)),
-                                                           mode="promise_in_bounds")
-        return _unbits(bits, buf.dtype)
+        return _set_rows(buf, (slice(None), jnp.arange(b), jnp.clip(start_B, 0, s - 1)), new_LB1[:, :, 0])
 
     return {name: put(buf, new[name]) for name, buf in layers.items()}
 
@@ -196,13 +213,8 @@ def write_cache(cache: dict[str, jax.Array] | LayerCache, items: dict[str, jax.A
         start_B = jnp.clip(start_B, 0, s - t)  # as dynamic_update_slice clamps the start
         rows_BT = start_B[:, None] + jnp.arange(t, dtype=start_B.dtype)[None, :]
         batch_BT = jnp.broadcast_to(jnp.arange(b)[:, None], (b, t))
-
-        def put_stack(buf: jax.Array, new: jax.Array) -> jax.Array:
-            bits = _bits(buf).at[cache.index, batch_BT, rows_BT].set(_bits(new.astype(buf.dtype)),
-                                                                     mode="promise_in_bounds")
-            return _unbits(bits, buf.dtype)
-
-        return cache._replace(layers={name: put_stack(buf, items[name]) for name, buf in cache.layers.items()})
+        return cache._replace(layers={name: _set_rows(buf, (cache.index, batch_BT, rows_BT), items[name])
+                                      for name, buf in cache.layers.items()})
     return {name: _put_rows(cache[name], items[name], start_B) for name in cache}
 
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from .core import filled_BS, merge_parts
+from .core import filled_BS, merge_parts, row_softmax
 
 _F32 = jnp.float32
 DECODE_FORMS = ("reduce", "gemm", "einsum")
@@ -64,11 +64,7 @@ def rows_attention(q_BHD: jax.Array, k_BSKD: jax.Array, v_BSKE: jax.Array, kv_le
     else:
         q_BKGD = q_BHD.reshape(b, kv, g, d).astype(k_BSKD.dtype)
         logits_BSH = jnp.einsum("bkgd,bskd->bskg", q_BKGD, k_BSKD, preferred_element_type=_F32).reshape(b, s, h)
-    logits_BSH = jnp.where(filled_BS_[:, :, None], logits_BSH, -jnp.inf)
-    m_BH = logits_BSH.max(axis=1)
-    m_safe = jnp.where(jnp.isfinite(m_BH), m_BH, 0.0)
-    p_BSH = jnp.exp(logits_BSH - m_safe[:, None])  # masked rows: exactly 0
-    l_BH = p_BSH.sum(axis=1)
+    p_BSH, l_BH, lse_BH = row_softmax(logits_BSH, filled_BS_)  # unfilled rows: p exactly 0
     if form == "reduce":
         v_BSKE = jnp.where(filled_BS_[:, :, None, None], v_BSKE, 0).astype(_F32)
         y_BHE = jnp.sum(v_BSKE[:, :, :, None] * p_BSH.reshape(b, s, kv, g)[..., None], axis=1).reshape(b, h, e)
@@ -80,9 +76,7 @@ def rows_attention(q_BHD: jax.Array, k_BSKD: jax.Array, v_BSKE: jax.Array, kv_le
     else:
         p_BSKG = p_BSH.reshape(b, s, kv, g).astype(v_BSKE.dtype)
         y_BHE = jnp.einsum("bskg,bske->bkge", p_BSKG, v_BSKE, preferred_element_type=_F32).reshape(b, h, e)
-    seen = l_BH > 0
-    o_BHE = y_BHE / jnp.where(seen, l_BH, 1.0)[..., None]
-    return o_BHE, jnp.where(seen, m_safe + jnp.log(jnp.where(seen, l_BH, 1.0)), -jnp.inf)
+    return y_BHE / l_BH[..., None], lse_BH
 
 
 def new_token_part(q_BHD: jax.Array, k_BKD: jax.Array, v_BKE: jax.Array, *, scale: float

@@ -56,7 +56,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from .blocked import varying_like
-from .core import attention_mask, filled_BS, merge_parts
+from .core import attention_mask, filled_BS, merge_parts, row_softmax
 
 __all__ = ["flashtpa_decode", "flashtpa_decode_plain_q", "flashtpa_prefill", "flashtpa_prefill_plain_q"]
 
@@ -191,19 +191,13 @@ def _one_pass(a_q_BPH: Optional[jax.Array], b_q_BPD: jax.Array, a_k_BSRH: jax.Ar
         feat_BCSRP = jnp.einsum("bcsrd,bpd->bcsrp", split(b_k_BSRD), b_q_BPD, preferred_element_type=_F32)
         mixed_BCSRH = jnp.einsum("bcsrp,bph->bcsrh", feat_BCSRP, a_q_BPH.astype(_F32) * coef)
     logits_BSH = jnp.sum(mixed_BCSRH * split(a_k_BSRH).astype(_F32), axis=3).reshape(batch, s_len, -1)
-    logits_BSH = jnp.where(rows_BS[:, :, None], logits_BSH, -jnp.inf)
-    m_BH = logits_BSH.max(axis=1)  # (3) softmax statistics
-    m_safe = jnp.where(jnp.isfinite(m_BH), m_BH, 0.0)
-    p_BSH = jnp.exp(logits_BSH - m_safe[:, None])
-    l_BH = p_BSH.sum(axis=1)
+    p_BSH, l_BH, lse_BH = row_softmax(logits_BSH, rows_BS)  # (3) softmax statistics
     if not finite_rows:  # (4) p (.) a_V, then contract (s, u) with b_V
         keep = rows_BS[:, :, None, None]
         a_v_BSUH, b_v_BSUE = jnp.where(keep, a_v_BSUH, 0), jnp.where(keep, b_v_BSUE, 0)
     w_BSUH = p_BSH[:, :, None, :] * a_v_BSUH.astype(_F32)
     y_BHE = jnp.einsum("bcsuh,bcsue->bhe", split(w_BSUH), split(b_v_BSUE).astype(_F32))
-    seen = l_BH > 0  # (5) o = y / (l R_V)
-    o_BHE = y_BHE / (jnp.where(seen, l_BH, 1.0)[..., None] * v_rank)
-    return o_BHE, jnp.where(seen, m_safe + jnp.log(jnp.where(seen, l_BH, 1.0)), -jnp.inf)
+    return y_BHE / (l_BH[..., None] * v_rank), lse_BH  # (5) o = y / (l R_V)
 
 
 def _new_token_part(a_q_BPH: Optional[jax.Array], b_q_BPD: jax.Array, new_kv: tuple, *, coef: float, v_rank: int

@@ -22,7 +22,8 @@ from ...config import ModelConfig
 from ...parallel import constrain
 from ..layers import RMSNorm, cast, fan_in_init, param
 from ..rope import Rope, apply_rope
-from .core import AttentionMask, CacheLeaf, filled_BS, merge_parts, output_params, project_out, read_cache, write_cache
+from .core import (AttentionMask, CacheLeaf, filled_BS, merge_parts, output_params, project_out, read_cache,
+                   row_softmax, write_cache)
 from .context import context_size, expanded_partial, sharded_cache_attention, varying
 from .dispatch import attention_items
 
@@ -90,15 +91,9 @@ class MLAttention(nn.Module):
         logits_BSH = (jnp.einsum("bsc,bhc->bsh", c_kv_BSC, q_lat_BHC.astype(c_kv_BSC.dtype), preferred_element_type=f32)
                       + jnp.einsum("bsf,bhf->bsh", k_r_BSF, q_r_BHF.astype(k_r_BSF.dtype), preferred_element_type=f32))
         filled_BS_ = filled_BS(start_B, jnp.arange(c_kv_BSC.shape[1], dtype=jnp.int32))
-        logits_BSH = jnp.where(filled_BS_[:, :, None], logits_BSH, -jnp.inf)
-        m_BH = logits_BSH.max(axis=1)
-        m_safe = jnp.where(jnp.isfinite(m_BH), m_BH, 0.0)
-        p_BSH = jnp.exp(logits_BSH - m_safe[:, None])  # rows past the length: exactly 0 (and finite there)
-        l_BH = p_BSH.sum(axis=1)
-        seen = l_BH > 0
+        p_BSH, l_BH, lse_BH = row_softmax(logits_BSH, filled_BS_)  # rows past the length: p exactly 0
         o_lat_BHC = jnp.einsum("bsh,bsc->bhc", p_BSH.astype(c_kv_BSC.dtype), c_kv_BSC,
-                               preferred_element_type=jnp.float32) / jnp.where(seen, l_BH, 1.0)[..., None]
-        lse_BH = jnp.where(seen, m_safe + jnp.log(jnp.where(seen, l_BH, 1.0)), -jnp.inf)
+                               preferred_element_type=f32) / l_BH[..., None]
         c_new_BC, k_r_new_BF = new["c_kv"][:, 0].astype(jnp.float32), new["k_r"][:, 0].astype(jnp.float32)
         lse_new_BH = jnp.einsum("bhc,bc->bh", q_lat_BHC, c_new_BC) + jnp.einsum("bhf,bf->bh", q_r_BHF, k_r_new_BF)
         o_new_BHC = jnp.broadcast_to(c_new_BC[:, None], o_lat_BHC.shape)
