@@ -3,9 +3,14 @@ and a session-wide persistent compilation cache (train tests compile the same st
 import os
 import tempfile
 
-_DEVICES = "--xla_force_host_platform_device_count=8"
-if _DEVICES not in os.environ.get("XLA_FLAGS", ""):  # pytest-xdist workers inherit the controller's flags
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _DEVICES).strip()
+# 8 fake devices, and the CPU backend's quick compile (LLVM at -O0, no fusion emitters: the same flags
+# as the benchmarks' smoke runs, tpa_jax.eval.bench_timing.SMOKE_XLA_FLAGS).  Most of the suite's time is
+# spent compiling small programs, and these flags change how fast the code runs, not what it computes.
+_FLAGS = ("--xla_force_host_platform_device_count=8", "--xla_backend_optimization_level=0",
+          "--xla_cpu_use_fusion_emitters=false")
+for _flag in _FLAGS:
+    if _flag not in os.environ.get("XLA_FLAGS", ""):  # pytest-xdist workers inherit the controller's flags
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Inherited by the subprocesses the CLI tests start, and by the pytest-xdist workers (``-n 2``): the
 # controller loads this file before it spawns them, so all of them share one cache directory.

@@ -154,7 +154,7 @@ def launch_two_processes(run, corpus, *overrides):
     for pid in range(2):
         env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
                    JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(pid),
-                   XLA_FLAGS="--xla_force_host_platform_device_count=2")
+                   XLA_FLAGS=os.environ["XLA_FLAGS"].replace("device_count=8", "device_count=2"))
         procs.append(subprocess.Popen(
             [sys.executable, os.path.join(ROOT, "train.py"), "--no-progress", f"run_dir={run}", "batch_size=8",
              "log_every=1", "data.source=manifest", f"data.path={corpus}", "data.seq_len=32", "eval_batches=1",
