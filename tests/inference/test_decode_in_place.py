@@ -111,7 +111,7 @@ def test_decode_under_remat_equals_plain(attention):
     tokens = jax.random.randint(jax.random.PRNGKey(4), (2, 5), 0, plain.vocab_size)
     outs = []
     for cfg in (plain, rematted):
-        cache, logits, steps = init_cache(cfg, 2, S), logits_fn(cfg), []
+        cache, logits, steps = init_cache(cfg, 2, S), jax.jit(logits_fn(cfg)), []
         out, cache = logits(params, tokens[:, :3], cache=cache)
         for i in (3, 4):
             out, cache = logits(params, tokens[:, i:i + 1], cache=cache)

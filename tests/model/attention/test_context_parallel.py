@@ -170,12 +170,12 @@ def test_blocked_lse_equals_dense_with_gradients():
 
     ours = lambda q, k, v: blocked.blocked_attention_lse(q, k, v, q_index, kv_len, scale=0.3, block_size=8)
     ref = lambda q, k, v: dense_lse(q, k, v, q_index, kv_len, 0.3)
-    (o, lse), (o_r, lse_r) = ours(q, k, v), ref(q, k, v)
+    (o, lse), (o_r, lse_r) = jax.jit(ours)(q, k, v), ref(q, k, v)
     assert np.isneginf(np.asarray(lse)[0, 0]).all() and not np.asarray(o)[0, 0].any()
     np.testing.assert_allclose(np.asarray(o), np.asarray(o_r), rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(np.isfinite(lse), np.isfinite(lse_r))
     np.testing.assert_allclose(np.where(np.isfinite(lse), lse, 0), np.where(np.isfinite(lse_r), lse_r, 0), rtol=1e-5)
-    g = jax.grad(functools.partial(loss, ours), argnums=(0, 1, 2))(q, k, v)
+    g = jax.jit(jax.grad(functools.partial(loss, ours), argnums=(0, 1, 2)))(q, k, v)
     g_r = jax.grad(functools.partial(loss, ref), argnums=(0, 1, 2))(q, k, v)
     for a, r in zip(g, g_r):
         np.testing.assert_allclose(np.asarray(a), np.asarray(r), rtol=1e-4, atol=1e-5)
