@@ -5,6 +5,7 @@ the float32 cache's for every mechanism, a one-token decode equal to a prefill o
 softmax, no float copy of the whole cache inside it, generation, shardings and the errors."""
 import contextlib
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -161,6 +162,31 @@ def test_flashtpa_int8_decode_never_dequantises_the_whole_cache(one_pass):
     dequantised = tuple(quant.dequantize(x, sc) for x, sc in zip(kv, scales))
     float_fn = lambda *kv: flashtpa.flashtpa_decode(a_q, b_q, *kv, lengths, **{**kw, "one_pass": True})
     assert largest_float_intermediate(float_fn, *dequantised) >= smallest_leaf
+
+
+@pytest.mark.parametrize("attention", ["tpa", "tpa_kvonly"])
+def test_donated_int8_decode_step_updates_in_place(attention):
+    """A donated int8 decode step (FlashTPA, one pass over pieces on a CPU) copies no cache stack,
+    aliases every stack (scales included) to its output and needs far less scratch than the cache."""
+    cfg = tpa_jax.ModelConfig(vocab_size=64, n_layer=4, d_model=64, n_head=4, head_dim=16, attention=attention,
+                              q_rank=4, k_rank=2, v_rank=2, compute_dtype="float32", max_seq_len=512, mlp_hidden=16)
+    params = tpa_jax.init_params(cfg, jax.random.key(0))
+    layers = init_cache(cfg, 2, 512, dtype="int8")["layers"]
+
+    def step(params, layers, lengths, tok):
+        out, new = tpa_jax.logits_fn(cfg)(params, tok, cache={"lengths": lengths, "layers": layers})
+        return out, new["layers"]
+
+    jitted = jax.jit(step, donate_argnums=(1,), compiler_options=tpa_jax.inference.decode_compiler_options())
+    compiled = jitted.lower(params, layers, jnp.full((2,), 256, jnp.int32), jnp.zeros((2, 1), jnp.int32)).compile()
+    hlo = compiled.as_text()
+    stacks = {tuple(x.shape) for x in layers.values()}
+    copied = {tuple(int(n) for n in m.group(1).split(","))
+              for m in re.finditer(r"= (?:s8|f32)\[([\d,]+)\]\{[\d,]*\} copy\(", hlo)}
+    assert not stacks & copied
+    cache_bytes = sum(x.nbytes for x in layers.values())
+    assert compiled.memory_analysis().alias_size_in_bytes >= cache_bytes
+    assert compiled.memory_analysis().temp_size_in_bytes < cache_bytes / 2
 
 
 # ----------------------------------------------------------------------------- generate, shardings, errors
