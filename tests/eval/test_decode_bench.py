@@ -213,7 +213,7 @@ def test_prefill_alg1_against_materialize(tmp_path, capsys):
     dict(bandwidth=-1.0), dict(gqa_groups=3), dict(param_init="zeros"), dict(memory_cap_gb=0),
     dict(prefill_lengths=(32,), prefill_chunk=0), dict(prefill_lengths=(30,), prefill_chunk=16),
     dict(prefill_lengths=(0,)), dict(prefill_only=True), dict(prefill_only=True, mechanisms=("mha",), **TINY_PREFILL),
-    dict(cache_dtype="int4"), dict(cache_dtype="int8", decode_impl="pallas"),
+    dict(cache_dtype="int4"),
 ])
 def test_bad_values_raise(kw):
     with pytest.raises(ValueError):
@@ -248,7 +248,6 @@ def test_cli_writes_json_png_and_table(tmp_path, capsys):
     ["--bandwidth", "-3"],
     ["--decode-impl", "fastest"],
     ["--cache-dtype", "int4"],
-    ["--cache-dtype", "int8", "--decode-impl", "pallas"],
 ])
 def test_cli_bad_input_is_one_line_exit_2(argv, tmp_path, capsys):
     assert main(["decode-bench", "--out", str(tmp_path / "db"), *argv]) == 2

@@ -2,7 +2,8 @@
 its layout and measured bytes against ``accounting.kv_cache_bytes_per_token``, decode logits close to
 the float32 cache's for every mechanism, a one-token decode equal to a prefill of the same tokens
 (every token is attended as the cache holds it), FlashTPA's int8 decode against an explicit float64
-softmax, no float copy of the whole cache inside it, generation, shardings and the errors."""
+softmax, no float copy of the whole cache inside it, generation, shardings, the Pallas kernel's int8
+blocks and the errors."""
 import contextlib
 import functools
 import re
@@ -16,6 +17,7 @@ import tpa_jax
 from tpa_jax import accounting, parallel
 from tpa_jax.inference import cache_bytes_per_token, cache_logical_axes, cache_shardings, init_cache
 from tpa_jax.model.attention import flashtpa, quant
+from tpa_jax.model.attention.kernels import flashtpa_decode_pallas
 
 from _util import VARIANTS, cfg_of, init_params, tokens
 
@@ -250,14 +252,44 @@ def test_bad_cache_dtype_is_a_one_line_error():
         accounting.kv_cache_bytes_per_token(cfg, "int16")
 
 
-def test_pallas_decode_refuses_an_int8_cache():
-    cfg = cfg_of("tpa", decode_impl="pallas")
-    _, params = init_params(cfg)
-    forward = jax.jit(tpa_jax.logits_fn(cfg))
-    _, cache = forward(params, tokens(cfg, 1, 4), cache=init_cache(cfg, 1, 8, dtype="int8"))
-    with pytest.raises(ValueError, match="decode_impl='pallas' does not support an int8 cache") as e:
-        forward(params, tokens(cfg, 1, 1), cache=cache)
-    assert "\n" not in str(e.value)
+@pytest.mark.parametrize("block", [8, 64])
+def test_pallas_int8_decode_equals_float64_softmax(block):
+    """The Pallas kernel (interpreter) reads int8 blocks beside their scale blocks: equal to the
+    explicit float64 softmax over the dequantised factors (1e-5)."""
+    b, p, r, u, h, d, e, s_len, scale = 2, 3, 2, 3, 4, 8, 6, 24, 0.35
+    kv, scales = int8_factors(b, s_len, r, u, h, d, e, seed=5)
+    lengths = jnp.asarray([s_len - 3, 9], jnp.int32)
+    rng = np.random.default_rng(6)
+    a_q, b_q = rng.standard_normal((b, p, h)), rng.standard_normal((b, p, d))
+    got = flashtpa_decode_pallas(jnp.asarray(a_q, jnp.float32), jnp.asarray(b_q, jnp.float32), *kv, lengths,
+                                 q_rank=p, k_rank=r, v_rank=u, scale=scale, block_size=block, interpret=True,
+                                 scales=scales)
+    q = np.einsum("bph,bpd->bhd", a_q, b_q) / p
+    assert got.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(got), reference(q, kv, scales, lengths, scale, (r, u)), rtol=1e-5, atol=1e-5)
+
+
+def test_pallas_int8_model_decode_equals_flash():
+    """decode_impl="pallas" with an int8 cache gives the logits of the default int8 decode (1e-5)."""
+    got, _ = decode_logits("tpa", "int8", decode_impl="pallas", decode_block_size=8)
+    np.testing.assert_allclose(got, decode_logits("tpa", "int8")[0], rtol=1e-5, atol=1e-5)
+
+
+def test_pallas_int8_kernel_exports_for_tpu():
+    """The int8 kernel lowers to one Mosaic kernel for TPU from this host (block-shape checks included)."""
+    b, s_len, r, u, h, d, e = 2, 40, 2, 1, 34, 64, 64
+    shapes = [(b, s_len, r, h), (b, s_len, r, d), (b, s_len, u, h), (b, s_len, u, e)]
+    structs = ([jax.ShapeDtypeStruct((b, 6, h), jnp.float32), jax.ShapeDtypeStruct((b, 6, d), jnp.float32)]
+               + [jax.ShapeDtypeStruct(sh, jnp.int8) for sh in shapes] + [jax.ShapeDtypeStruct((b,), jnp.int32)])
+    scale_structs = tuple(jax.ShapeDtypeStruct(sh[:3], jnp.float32) for sh in shapes)
+
+    def fn(*args):
+        return flashtpa_decode_pallas(*args[:7], q_rank=6, k_rank=r, v_rank=u, scale=0.125, block_size=16,
+                                      interpret=False, scales=args[7:])
+
+    exported = jax.export.export(jax.jit(fn), platforms=("tpu",))(*structs, *scale_structs)
+    assert exported.mlir_module().count("tpu_custom_call") == 1
+    assert exported.out_avals[0].shape == (b, h, e) and exported.out_avals[0].dtype == jnp.float32
 
 
 assert set(ACCOUNTED) <= set(VARIANTS) and set(DECODED) <= set(VARIANTS)

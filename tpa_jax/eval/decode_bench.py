@@ -282,9 +282,6 @@ def run_decode_bench(*, d_models=(1024, 2048), batch_sizes=(1, 4), min_log2: int
     if dtype not in DTYPES:
         raise ValueError(f"dtype: expected 'auto' or one of {DTYPES}, got {dtype!r}")
     cache_dtype = check_cache_dtype(dtype if cache_dtype is None else cache_dtype).name
-    if cache_dtype == "int8" and decode_impl == "pallas":
-        raise ValueError("cache_dtype='int8': the Pallas decode kernel reads float factors; time int8 with "
-                         "decode_impl='flash'")
     if param_init not in PARAM_INITS:
         raise ValueError(f"param_init: expected one of {PARAM_INITS}, got {param_init!r}")
     if bandwidth is not None:

@@ -285,9 +285,6 @@ class TPAttention(nn.Module):
         else:
             a_q_BPH, b_q_BPD = self._a(x_BTM, "q")[:, 0], self._b(x_BTM, "q", rope)[:, 0]
             if cfg.decode_impl == "pallas":  # Mosaic on TPU, the interpreter on CPU, jnp FlashTPA elsewhere
-                if is_quantized(cache):
-                    raise ValueError("decode_impl='pallas' does not support an int8 cache: the Pallas FlashTPA "
-                                     "kernel reads float factors; use decode_impl='flash' or a float cache_dtype")
                 o_BHE = flashtpa_decode_pallas(a_q_BPH, b_q_BPD, *kv, lengths_B, q_rank=cfg.q_rank, **kw)
             else:
                 o_BHE = flashtpa.flashtpa_decode(a_q_BPH, b_q_BPD, *kv, lengths_B, q_rank=cfg.q_rank, **kw)
