@@ -21,9 +21,11 @@ from typing import NamedTuple
 
 from .config import ModelConfig
 from .model.attention import cache_spec
+from .model.attention.quant import INT8, cache_dtype
 
 __all__ = [
     "attention_params", "attention_params_table1", "attention_norm_params", "kv_cache_per_token",
+    "kv_cache_bytes_per_token",
     "mlp_params", "embedding_params", "norm_params", "model_params", "matmul_params_per_token",
     "flops_per_token", "DecodeCost", "decode_flops_per_token", "matched_n_head", "table1_applies",
 ]
@@ -229,6 +231,21 @@ def kv_cache_per_token(cfg: ModelConfig) -> int:
     also what ``tpa_jax.inference.init_cache`` allocates.
     """
     return sum(math.prod(leaf.shape) for leaf in cache_spec(cfg).values())
+
+
+def kv_cache_bytes_per_token(cfg: ModelConfig, dtype: str = "bfloat16") -> int:
+    """Bytes cached per token over all layers in a cache of ``dtype`` (float32, bfloat16, float16 or
+    int8): the numbers of :func:`kv_cache_per_token` at the dtype's size, and for int8 one float32
+    scale per row of each cached leaf (its per-token shape without the last axis: per factor row
+    for TPA's A and B, per head for K and V, one per leaf for MLA's c_KV and k_R).  Equals the
+    measured ``tpa_jax.inference.cache_bytes_per_token`` of ``init_cache(cfg, ..., dtype)``."""
+    d = cache_dtype(dtype)
+    per_layer = 0
+    for leaf in cache_spec(cfg).values():
+        per_layer += math.prod(leaf.shape) * d.itemsize
+        if d == INT8:
+            per_layer += math.prod(leaf.shape[:-1]) * 4
+    return cfg.n_layer * per_layer
 
 
 # ---------------------------------------------------------------------------------------------

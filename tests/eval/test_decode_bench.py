@@ -115,6 +115,17 @@ def test_memory_cap_skips_points():
         plot(none, "unused.png")
 
 
+def test_int8_cache_dtype():
+    """cache_dtype="int8": bytes per token are the int8 numbers plus a float32 scale per K/V head
+    (MHA: 128 + 2 * 4 * 4) or per TPA factor row (ranks 1: 40 + 4 * 4), and the step is timed."""
+    res = run_decode_bench(**{**TINY, "mechanisms": ("mha", "tpa"), "max_log2": 4}, cache_dtype="int8")
+    assert res["config"]["cache_dtype"] == "int8"
+    got = {e["mechanism"]: e for e in res["entries"]}
+    assert got["mha"]["cache_bytes_per_token"] == 128 + 2 * 4 * 4 and got["tpa"]["cache_bytes_per_token"] == 40 + 16
+    assert all(e["cache_dtype"] == "int8" and e["per_token_s"] > 0 for e in got.values())
+    assert got["tpa"]["cache_bytes"] == 56 * 16 * 2 and res["ratios"][0]["cache_bytes"] == {"tpa/mha": 56 / 160}
+
+
 def test_model_init_weights():
     """param_init="model" (the default) runs the model's own init: same shapes as the fast fill."""
     res = run_decode_bench(**{**TINY, "mechanisms": ("mqa",), "max_log2": 4, "param_init": "model"})
@@ -202,6 +213,7 @@ def test_prefill_alg1_against_materialize(tmp_path, capsys):
     dict(bandwidth=-1.0), dict(gqa_groups=3), dict(param_init="zeros"), dict(memory_cap_gb=0),
     dict(prefill_lengths=(32,), prefill_chunk=0), dict(prefill_lengths=(30,), prefill_chunk=16),
     dict(prefill_lengths=(0,)), dict(prefill_only=True), dict(prefill_only=True, mechanisms=("mha",), **TINY_PREFILL),
+    dict(cache_dtype="int4"),
 ])
 def test_bad_values_raise(kw):
     with pytest.raises(ValueError):
@@ -235,6 +247,7 @@ def test_cli_writes_json_png_and_table(tmp_path, capsys):
     ["--warmup", "-1"],
     ["--bandwidth", "-3"],
     ["--decode-impl", "fastest"],
+    ["--cache-dtype", "int4"],
 ])
 def test_cli_bad_input_is_one_line_exit_2(argv, tmp_path, capsys):
     assert main(["decode-bench", "--out", str(tmp_path / "db"), *argv]) == 2

@@ -219,6 +219,8 @@ def add_decode_bench_arguments(p: argparse.ArgumentParser, out_default: Optional
     p.add_argument("--n-layer", type=_positive_int, default=1, help="layers of the timed model (default 1)")
     p.add_argument("--dtype", default="auto", choices=("auto",) + DTYPES,
                    help="compute, weight and cache dtype (default auto: float32 on CPU, bfloat16 elsewhere)")
+    p.add_argument("--cache-dtype", default=None, choices=("float32", "bfloat16", "float16", "int8"),
+                   help="decode cache dtype (default: --dtype; int8: quantised with float32 scales)")
     p.add_argument("--reps", type=_positive_int, default=10, help="timed steps per point and mechanism")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling (default 2)")
     p.add_argument("--decode-impl", default="flash", choices=DECODE_IMPLS,
@@ -253,7 +255,7 @@ def run_decode_bench_args(args: argparse.Namespace) -> dict:
         warmup=args.warmup, decode_impl=args.decode_impl, bandwidth=args.bandwidth,
         memory_cap_gb=args.memory_cap_gb, param_init=args.param_init, prefill_lengths=args.prefill_lengths,
         prefill_chunk=args.prefill_chunk, prefill_reps=args.prefill_reps, prefill_only=args.prefill_only,
-        progress=not args.quiet)
+        progress=not args.quiet, cache_dtype=args.cache_dtype)
 
 
 def write_decode_bench(result: dict, out: str) -> tuple[str, Optional[str]]:

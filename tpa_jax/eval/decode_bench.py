@@ -33,8 +33,9 @@ What one measured point is:
   batch, which is the paper's "decoding time per token".  ``per_token_amortized_s`` is the step
   time divided by the batch size.
 * ``cache_bytes`` is what one step reads from the cache:
-  ``accounting.kv_cache_per_token(cfg) * n_layer * dtype bytes * context * batch`` (checked
-  against the bytes of the cache actually built).  ``cache_gb_per_s`` is ``cache_bytes / per_token_s
+  ``accounting.kv_cache_bytes_per_token(cfg, cache_dtype) * context * batch`` (checked against the
+  bytes of the cache actually built; ``cache_dtype`` defaults to the compute dtype, ``"int8"``
+  counts the float32 scales too).  ``cache_gb_per_s`` is ``cache_bytes / per_token_s
   / 1e9``; with a ``bandwidth`` (bytes/s) the memory-bound limit is ``cache_bytes / bandwidth``.
 * The limit measured in the same run: ``limit_bytes`` = the cache's bytes plus the parameters'
   (``param_bytes``), what one step must read; ``limit_s`` is the median time of ``jnp.sum`` over a
@@ -69,6 +70,7 @@ from .. import accounting
 from ..config import DECODE_IMPLS, DTYPES, ModelConfig
 from ..inference import cache_bytes_per_token, decode_compiler_options, init_cache
 from ..model import logits_fn
+from ..model.attention.quant import cache_dtype as check_cache_dtype
 from .bench_timing import compile_timed, environment, time_interleaved
 from .bench_weights import PARAM_INITS, bench_params, filled_like, nbytes
 from .decode_report import TARGET, format_table, plot  # noqa: F401 (format_table, plot re-exported)
@@ -161,9 +163,9 @@ def _make_step(cfg: ModelConfig):
 class _Run:
     """One mechanism at one (d_model, batch, context) point: compiled step, donated cache, timings."""
 
-    def __init__(self, cfg: ModelConfig, params, batch: int, context: int, warmup: int, seed: int):
-        abstract = jax.eval_shape(lambda: init_cache(cfg, batch, context))
-        self.measured_bytes_per_token = cache_bytes_per_token(abstract)
+    def __init__(self, cfg: ModelConfig, params, batch: int, context: int, warmup: int, seed: int, cache_dtype: str):
+        abstract = jax.eval_shape(lambda: init_cache(cfg, batch, context, dtype=cache_dtype))
+        self.measured_bytes_per_token, self.cache_dtype = cache_bytes_per_token(abstract), cache_dtype
         self.layers = filled_like(abstract["layers"], seed=seed)
         self.lengths = jnp.full((batch,), context - 1, jnp.int32)  # full cache: the step fills slot S-1
         self.tokens = jnp.asarray(np.random.default_rng(seed).integers(0, cfg.vocab_size, (batch, 1)), jnp.int32)
@@ -217,7 +219,8 @@ def _entry(run: _Run, cfg: ModelConfig, times: list, limit_times: list, cache_by
            batch: int, context: int, bandwidth: Optional[float]) -> dict:
     med, limit = statistics.median(times), statistics.median(limit_times)
     e = dict(mechanism=cfg.attention, d_model=cfg.d_model, n_head=cfg.n_head, kv_heads=cfg.kv_heads,
-             head_dim=cfg.head_dim, batch=batch, context=context, median_s=med, min_s=min(times), per_token_s=med,
+             head_dim=cfg.head_dim, batch=batch, context=context, cache_dtype=run.cache_dtype, median_s=med,
+             min_s=min(times), per_token_s=med,
              per_token_amortized_s=med / batch, times_s=list(times),
              kv_numbers_per_token_per_layer=accounting.kv_cache_per_token(cfg),
              cache_bytes_per_token=run.measured_bytes_per_token, cache_bytes=cache_bytes,
@@ -251,14 +254,15 @@ def run_decode_bench(*, d_models=(1024, 2048), batch_sizes=(1, 4), min_log2: int
                      vocab_size: int = 256, mlp_hidden: Optional[int] = 8, tpa_ranks=(16, 1, 1),
                      gqa_groups: int = 4, mla_dims=None, param_init: str = "model",
                      prefill_lengths=(4096, 16384), prefill_chunk: int = 1024, prefill_reps: int = 3,
-                     prefill_only: bool = False, progress: bool = False) -> dict:
+                     prefill_only: bool = False, progress: bool = False, cache_dtype: Optional[str] = None) -> dict:
     """Time one-token decode steps of each mechanism at contexts ``2**min_log2 .. 2**max_log2``.
 
     Returns ``{"benchmark", "paper", "config", "entries", "skipped", "ratios"}`` (see the module
     docstring for every definition).  ``mechanisms``: default all of ``MECHANISMS`` (``"tpa"`` alone
     with ``decode_impl="pallas"``).  ``param_init="model"`` initialises the weights with the model's
     own init; ``"fast"`` fills the same shapes with pseudo-random values (faster to compile on CPU;
-    the values do not change the speed).  Raises ``ValueError`` on bad input before anything is run.
+    the values do not change the speed).  ``cache_dtype``: the decode cache's (default ``dtype``; float32,
+    bfloat16, float16 or int8).  Raises ``ValueError`` on bad input before anything is run.
     """
     d_models = _int_tuple("d_models", d_models)
     batch_sizes = _int_tuple("batch_sizes", batch_sizes)
@@ -277,6 +281,7 @@ def run_decode_bench(*, d_models=(1024, 2048), batch_sizes=(1, 4), min_log2: int
         dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
     if dtype not in DTYPES:
         raise ValueError(f"dtype: expected 'auto' or one of {DTYPES}, got {dtype!r}")
+    cache_dtype = check_cache_dtype(dtype if cache_dtype is None else cache_dtype).name
     if param_init not in PARAM_INITS:
         raise ValueError(f"param_init: expected one of {PARAM_INITS}, got {param_init!r}")
     if bandwidth is not None:
@@ -309,7 +314,7 @@ def run_decode_bench(*, d_models=(1024, 2048), batch_sizes=(1, 4), min_log2: int
                 runs, point_bytes = {}, {}
                 for m in mechanisms:
                     cfg = cfgs[d][m]
-                    per_token = accounting.kv_cache_per_token(cfg) * n_layer * itemsize
+                    per_token = accounting.kv_cache_bytes_per_token(cfg, cache_dtype)
                     point_bytes[m] = per_token * s * b
                     if point_bytes[m] > cap_bytes:
                         skipped.append(dict(mechanism=m, d_model=d, n_head=cfg.n_head, batch=b, context=s,
@@ -320,11 +325,11 @@ def run_decode_bench(*, d_models=(1024, 2048), batch_sizes=(1, 4), min_log2: int
                     if m not in params:
                         params[m] = bench_params(cfg, param_init)
                         param_bytes[m] = nbytes(params[m])
-                    run = _Run(cfg, params[m], b, s, warmup, seed=len(entries) + len(runs) + 1)
+                    run = _Run(cfg, params[m], b, s, warmup, seed=len(entries) + len(runs) + 1, cache_dtype=cache_dtype)
                     if run.measured_bytes_per_token * s * b != point_bytes[m]:
                         raise RuntimeError(
                             f"{m}: cache built by init_cache holds {run.measured_bytes_per_token} bytes per "
-                            f"token, accounting.kv_cache_per_token gives {per_token}")
+                            f"token, accounting.kv_cache_bytes_per_token gives {per_token}")
                     runs[m] = run
                 steps = {}
                 for m, run in runs.items():
@@ -364,7 +369,8 @@ def run_decode_bench(*, d_models=(1024, 2048), batch_sizes=(1, 4), min_log2: int
     config = dict(d_models=list(d_models), n_heads={str(d): d // head_dim for d in d_models},
                   batch_sizes=list(batch_sizes), contexts=contexts, min_log2=min_log2, max_log2=max_log2,
                   mechanisms=list(mechanisms), n_layer=n_layer, head_dim=head_dim, dtype=dtype,
-                  dtype_bytes=itemsize, param_dtype=param_dtype or dtype, reps=reps, warmup=warmup,
+                  dtype_bytes=itemsize, cache_dtype=cache_dtype, param_dtype=param_dtype or dtype, reps=reps,
+                  warmup=warmup,
                   decode_impl=decode_impl, bandwidth_bytes_per_s=bandwidth, memory_cap_gb=memory_cap_gb,
                   memory_cap_bytes=cap_bytes, vocab_size=vocab_size, mlp_hidden=mlp_hidden,
                   tpa_ranks=list(tpa_ranks), gqa_groups=gqa_groups,

@@ -14,6 +14,10 @@ and token (``tpa_jax.model.attention.cache_spec``):
   non-contextual B: A's only; shared B: one unrotated B; third order: b [d_b] and c [d_c]).
 * MHA / MQA / GQA: K (after RoPE) and V with n_kv_head heads.
 * MLA: the compressed latent c_KV [d_c] and the shared RoPE key k_R [d^R_h].
+
+An int8 cache (``dtype="int8"``) holds every leaf as int8 beside a float32 leaf ``<name>_scale``
+of its per-token shape without the last axis (``tpa_jax.model.attention.quant``): one scale per
+token and factor row for TPA's A and B, per token and head for K and V, per token for MLA.
 """
 from __future__ import annotations
 
@@ -26,24 +30,29 @@ import jax.numpy as jnp
 from .. import parallel
 from ..config import ModelConfig
 from ..model.attention import CacheLeaf, cache_spec
+from ..model.attention.quant import cache_dtype, is_quantized, leaf_dtype, with_scales
 
 Cache = dict[str, Any]  # {"lengths": [B], "layers": {name: [L, B, S, ...]}}
 
 
-def cache_layout(cfg: ModelConfig) -> dict[str, CacheLeaf]:
-    """{leaf name: (per-token shape, logical axes of that shape)} for one layer."""
-    return cache_spec(cfg)
+def cache_layout(cfg: ModelConfig, dtype: Optional[str | jnp.dtype] = None) -> dict[str, CacheLeaf]:
+    """{leaf name: (per-token shape, logical axes of that shape)} for one layer (an int8 ``dtype``
+    adds the scale leaves)."""
+    return with_scales(cache_spec(cfg), cache_dtype(dtype or cfg.compute_dtype))
 
 
-def cache_logical_axes(cfg: ModelConfig) -> dict[str, Any]:
-    """The logical axes of every leaf of ``init_cache(cfg, ...)``, as a matching pytree of tuples."""
+def cache_logical_axes(cfg: ModelConfig, dtype: Optional[str | jnp.dtype] = None) -> dict[str, Any]:
+    """The logical axes of every leaf of ``init_cache(cfg, ..., dtype)``, as a matching pytree of
+    tuples (a scale leaf has its leaf's leading axes)."""
     return {"lengths": ("batch",),
-            "layers": {name: ("layers", "batch", "cache_length") + leaf.axes for name, leaf in cache_spec(cfg).items()}}
+            "layers": {name: ("layers", "batch", "cache_length") + leaf.axes
+                       for name, leaf in cache_layout(cfg, dtype).items()}}
 
 
 def init_cache(cfg: ModelConfig, batch_size: int, max_len: int, dtype: Optional[str | jnp.dtype] = None,
                mesh: Optional[jax.sharding.Mesh] = None) -> Cache:
-    """An empty cache (all lengths 0) in ``dtype`` (default: the compute dtype).  With ``mesh`` it is
+    """An empty cache (all lengths 0) in ``dtype`` (default: the compute dtype; float32, bfloat16,
+    float16 or int8 with float32 scales, others a one-line error).  With ``mesh`` it is
     placed by :func:`cache_shardings`: on a mesh with a ``context`` axis the length axis is split over
     it (each device holds max_len / context rows; decoding merges the devices' partial softmaxes),
     which must then divide ``max_len``."""
@@ -52,9 +61,9 @@ def init_cache(cfg: ModelConfig, batch_size: int, max_len: int, dtype: Optional[
     if max_len > cfg.max_seq_len:
         raise ValueError(f"init_cache: max_len={max_len} exceeds the model's max_seq_len={cfg.max_seq_len}")
     check_context_divides(max_len, mesh, "init_cache: max_len")
-    dtype = jnp.dtype(dtype or cfg.compute_dtype)
-    layers = {name: jnp.zeros((cfg.n_layer, batch_size, max_len) + leaf.shape, dtype)
-              for name, leaf in cache_spec(cfg).items()}
+    dtype = cache_dtype(dtype or cfg.compute_dtype)
+    layers = {name: jnp.zeros((cfg.n_layer, batch_size, max_len) + leaf.shape, leaf_dtype(name, dtype))
+              for name, leaf in cache_layout(cfg, dtype).items()}
     cache = {"lengths": jnp.zeros((batch_size,), jnp.int32), "layers": layers}
     return cache if mesh is None else jax.device_put(cache, cache_shardings(cfg, cache, mesh))
 
@@ -68,7 +77,7 @@ def check_context_divides(max_len: int, mesh: Optional[jax.sharding.Mesh], what:
 
 
 def cache_bytes_per_token(cache: Cache) -> int:
-    """Measured bytes per token (all layers) of a cache pytree."""
+    """Measured bytes per token (all layers) of a cache pytree, scale leaves included."""
     total = 0
     for leaf in jax.tree_util.tree_leaves(cache["layers"]):
         total += math.prod(leaf.shape[3:]) * leaf.shape[0] * leaf.dtype.itemsize
@@ -78,8 +87,9 @@ def cache_bytes_per_token(cache: Cache) -> int:
 def cache_shardings(cfg: ModelConfig, cache: Cache, mesh: jax.sharding.Mesh) -> dict[str, Any]:
     """NamedShardings of a decode cache from its logical axes: batch over (data, fsdp), heads over
     tensor (TPA's head-shared B factors and MLA's latent are replicated over tensor), with the
-    same divisibility fallback as the parameters."""
-    return parallel.tree_shardings(cache_logical_axes(cfg), cache, mesh)
+    same divisibility fallback as the parameters; an int8 cache's scales like their leaves."""
+    dtype = "int8" if is_quantized(cache["layers"]) else next(iter(cache["layers"].values())).dtype
+    return parallel.tree_shardings(cache_logical_axes(cfg, dtype), cache, mesh)
 
 
 def decode_compiler_options() -> dict[str, Any]:

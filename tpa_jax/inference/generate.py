@@ -12,7 +12,9 @@ temperature only overflows float32, while the softmax is already one-hot); other
 likely tokens and to the smallest set whose probability reaches ``top_p``.  For a given seed the
 result is deterministic (``seed``: an integer in 0..2**32-1).  The decode cache is pre-allocated to ``max_len`` (default: the longest
 prompt plus ``max_new_tokens``, rounded up to its length bucket and capped at the model's
-``max_seq_len``) and, given a ``mesh``, sharded by its logical axes.
+``max_seq_len``) and, given a ``mesh``, sharded by its logical axes.  ``cache_dtype``: the cache's
+dtype (default the compute dtype; ``"int8"``: quantised factors with float32 scales, see
+``tpa_jax.model.attention.quant``).
 
 Compiling once per bucket: the compiled program depends on the batch size and on three length
 buckets -- the padded prompt length, the new-token buffer and the cache length -- each the next
@@ -35,6 +37,7 @@ from jax import lax
 
 from ..config import ModelConfig
 from ..model import logits_fn
+from ..model.attention import quant
 from .. import parallel
 from .cache import check_context_divides, decode_compiler_options, init_cache
 
@@ -232,7 +235,7 @@ def generate(params: Any, cfg: ModelConfig, prompt_tokens: Prompts, max_new_toke
     prompts = np.pad(prompts, ((0, 0), (0, padded_len - prompts.shape[1])), constant_values=pad_id)
     if not stops.size:
         stops = np.asarray([-1], np.int32)  # matches nothing
-    dtype = jnp.dtype(cache_dtype or cfg.compute_dtype)
+    dtype = quant.cache_dtype(cache_dtype if cache_dtype is not None else cfg.compute_dtype)
     check_context_divides(capacity, mesh, "generate: cache length max_len")
     cache = init_cache(cfg, prompts.shape[0], capacity, dtype=dtype, mesh=mesh)
     greedy = temperature < GREEDY_BELOW

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 
 from ...config import ModelConfig
 from ..layers import RMSNorm, cast, param
+from .quant import store
 
 
 class CacheLeaf(NamedTuple):
@@ -203,10 +204,11 @@ def write_cache(cache: dict[str, jax.Array] | LayerCache, items: dict[str, jax.A
                 start_B: jax.Array) -> dict[str, jax.Array] | LayerCache:
     """Write each new item [B, T, ...] at row ``start_B[b]`` of sequence b: into its cache leaf
     [B, S, ...], or into layer ``index`` of a :class:`LayerCache` stack (in place), or for a
-    deferred one record them, to be written after the layer loop."""
+    deferred one record them, to be written after the layer loop.  An int8 cache stores the items
+    quantised, each beside its scale leaf (``quant.store``)."""
+    items = store(items, cache.layers if isinstance(cache, LayerCache) else cache)
     if isinstance(cache, LayerCache) and cache.deferred:
-        return cache._replace(pending={name: items[name].astype(buf.dtype) for name, buf in cache.layers.items()},
-                              start_B=start_B)
+        return cache._replace(pending=items, start_B=start_B)
     if isinstance(cache, LayerCache):
         b, t = next(iter(items.values())).shape[:2]
         s = next(iter(cache.layers.values())).shape[2]

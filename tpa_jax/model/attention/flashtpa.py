@@ -42,6 +42,11 @@ over the blocks that some sequence can see (``ceil(max visible length / block)``
 allocated for ``max_len`` costs only what is filled.  Cache rows past a sequence's length may hold
 anything (even NaN): their logits are masked and their value factors zeroed before use.
 
+An int8 factor cache (``tpa_jax.model.attention.quant``) comes as int8 factors plus ``scales``
+(a float32 [B, S, rank] per factor, None for a float one): the block loop dequantises each block
+it reads, and the one-pass decode runs piece by piece (:func:`_one_pass_pieces`), so no float copy
+of the whole cache is made.
+
 All statistics (logits, max, sum, accumulator) are float32; inputs may be bfloat16.  The output
 has the dtype the value factors promote to.  The functions are jitted with their keyword sizes
 static; calling them inside another ``jit`` inlines them.
@@ -57,6 +62,7 @@ from jax import lax
 
 from .blocked import varying_like
 from .core import attention_mask, filled_BS, merge_parts, row_softmax
+from .quant import dequantize
 
 __all__ = ["flashtpa_decode", "flashtpa_decode_plain_q", "flashtpa_prefill", "flashtpa_prefill_plain_q"]
 
@@ -66,6 +72,12 @@ _STATIC = ("q_rank", "k_rank", "v_rank", "scale")
 
 def _cdiv(a: int, b: int) -> int:
     return (a + b - 1) // b
+
+
+def _out_dtype(a_v: jax.Array, b_v: jax.Array) -> jnp.dtype:
+    """The output's dtype: what the value factors promote to (float32 for an int8 cache's)."""
+    dtype = jnp.result_type(a_v, b_v)
+    return dtype if jnp.issubdtype(dtype, jnp.floating) else jnp.dtype(_F32)
 
 
 def _positions_and_lengths(q_positions_BT: Optional[jax.Array], kv_lengths_B: Optional[jax.Array], batch: int,
@@ -83,12 +95,13 @@ def _positions_and_lengths(q_positions_BT: Optional[jax.Array], kv_lengths_B: Op
 # ----------------------------------------------------------------------------- blocked core
 def _blocked_attention(a_q_BTPH: Optional[jax.Array], b_q_BTPD: jax.Array, a_k_BSRH: jax.Array, b_k_BSRD: jax.Array,
                        a_v_BSUH: jax.Array, b_v_BSUE: jax.Array, q_positions_BT: jax.Array, kv_lengths_B: jax.Array,
-                       *, coef: float, v_rank: int, block: int, with_lse: bool = False):
+                       *, coef: float, v_rank: int, block: int, with_lse: bool = False,
+                       scales: Optional[tuple] = None):
     """Algorithms 1/2 for one tile of T queries; ``coef`` = scale / (R_Q R_K).  Returns o [B, T, H, E] float32
     (and with ``with_lse`` the log-sum-exp of the logits, [B, T, H], -inf for a row that sees nothing).
 
     TPA-KVonly passes ``a_q_BTPH=None`` and its plain query [B, T, H, D] as ``b_q_BTPD``, with
-    ``coef`` = scale / R_K.
+    ``coef`` = scale / R_K.  ``scales``: an int8 cache's (see the module docstring), each block dequantised.
     """
     plain_q = a_q_BTPH is None
     batch, t = b_q_BTPD.shape[:2]
@@ -110,7 +123,7 @@ def _blocked_attention(a_q_BTPH: Optional[jax.Array], b_q_BTPD: jax.Array, a_k_B
         nominal = i * block
         start = jnp.minimum(nominal, s_len - block)  # clamped last block: no padded copy
         take = lambda x: lax.dynamic_slice_in_dim(x, start, block, axis=1)
-        a_k, b_k, a_v, b_v = take(a_k_BSRH), take(b_k_BSRD), take(a_v_BSUH), take(b_v_BSUE)
+        a_k, b_k, a_v, b_v = _dequantized(take, (a_k_BSRH, b_k_BSRD, a_v_BSUH, b_v_BSUE), scales)
         key_positions_S = start + offsets_S
         new_S = key_positions_S >= nominal  # not already covered by the previous block
         valid_BTS = attention_mask(q_positions_BT, kv_lengths_B, key_positions_S) & new_S[None, None, :]
@@ -149,6 +162,13 @@ def _blocked_attention(a_q_BTPH: Optional[jax.Array], b_q_BTPD: jax.Array, a_k_B
         lse_BHT = jnp.where(l_BHT > 0, m_BHT + jnp.log(jnp.where(l_BHT > 0, l_BHT, 1.0)), -jnp.inf)
         return o_BHTE.transpose(0, 2, 1, 3), lse_BHT.transpose(0, 2, 1)
     return o_BHTE.transpose(0, 2, 1, 3)
+
+
+def _dequantized(take, kv: tuple, scales: Optional[tuple]) -> tuple:
+    """``take`` (a slice along the rows) of each factor, dequantised where it has a scale."""
+    if scales is None:
+        return tuple(take(x) for x in kv)
+    return tuple(take(x) if sc is None else dequantize(take(x), take(sc)) for x, sc in zip(kv, scales))
 
 
 def flashtpa_partial(a_q_BTPH: Optional[jax.Array], b_q_BTPD: jax.Array, a_k_BSRH: jax.Array, b_k_BSRD: jax.Array,
@@ -200,6 +220,30 @@ def _one_pass(a_q_BPH: Optional[jax.Array], b_q_BPD: jax.Array, a_k_BSRH: jax.Ar
     return y_BHE / (l_BH[..., None] * v_rank), lse_BH  # (5) o = y / (l R_V)
 
 
+def _one_pass_pieces(a_q_BPH: Optional[jax.Array], b_q_BPD: jax.Array, kv: tuple, scales: tuple,
+                     kv_len_B: jax.Array, **kw) -> tuple[jax.Array, jax.Array]:
+    """:func:`_one_pass` over an int8 cache: a loop over pieces of the rows (the smallest divisor of S
+    that is at least ``min(ONE_PASS_PIECES, S)`` of them), each piece dequantised on its own, the
+    pieces' (o, lse) merged by log-sum-exp.  Returns (o [B, H, E], lse [B, H])."""
+    s_len = kv[0].shape[1]
+    c = next(n for n in range(min(ONE_PASS_PIECES, s_len), s_len + 1) if s_len % n == 0)
+    size = s_len // c
+
+    def piece(i: jax.Array) -> tuple[jax.Array, jax.Array]:
+        take = lambda x: lax.dynamic_slice_in_dim(x, i * size, size, axis=1)
+        return _one_pass(a_q_BPH, b_q_BPD, *_dequantized(take, kv, scales), jnp.clip(kv_len_B - i * size, 0, size),
+                         **kw)
+
+    o_CBHE, lse_CBH = lax.map(piece, jnp.arange(c, dtype=jnp.int32))
+    m_BH = lse_CBH.max(axis=0)
+    w_CBH = jnp.exp(lse_CBH - jnp.where(jnp.isfinite(m_BH), m_BH, 0.0))
+    total_BH = w_CBH.sum(axis=0)
+    seen = total_BH > 0
+    total_BH = jnp.where(seen, total_BH, 1.0)
+    o_BHE = jnp.einsum("cbh,cbhe->bhe", w_CBH, o_CBHE) / total_BH[..., None]
+    return o_BHE, jnp.where(seen, jnp.where(jnp.isfinite(m_BH), m_BH, 0.0) + jnp.log(total_BH), -jnp.inf)
+
+
 def _new_token_part(a_q_BPH: Optional[jax.Array], b_q_BPD: jax.Array, new_kv: tuple, *, coef: float, v_rank: int
                     ) -> tuple[jax.Array, jax.Array]:
     """(o, lse) of each query against its own token alone (factors [B, R|U, H|D|E]): o = its V, lse = its logit."""
@@ -214,7 +258,7 @@ def _new_token_part(a_q_BPH: Optional[jax.Array], b_q_BPD: jax.Array, new_kv: tu
 
 def _decode(a_q_BPH: Optional[jax.Array], b_q_BPD: jax.Array, kv: tuple, lengths_B: jax.Array,
             new_kv: Optional[tuple], *, coef: float, v_rank: int, block_size: int, finite_rows: bool,
-            one_pass: Optional[bool]) -> jax.Array:
+            one_pass: Optional[bool], scales: Optional[tuple] = None) -> jax.Array:
     """The two decode forms (query at ``lengths - 1``): o [B, H, E] float32.  With ``new_kv`` the cache
     holds the rows before the query's own token, whose factors come separately and join by
     log-sum-exp.  ``one_pass`` None: one pass on a CPU up to :data:`ONE_PASS_MAX_ROWS` rows, otherwise
@@ -223,13 +267,16 @@ def _decode(a_q_BPH: Optional[jax.Array], b_q_BPD: jax.Array, kv: tuple, lengths
     kv_len_B = lengths_B - 1 if new_kv is not None else lengths_B
     if one_pass is None:
         one_pass = jax.default_backend() == "cpu" and s_len <= ONE_PASS_MAX_ROWS
-    if one_pass:
+    if one_pass and scales is not None:
+        o_BHE, lse_BH = _one_pass_pieces(a_q_BPH, b_q_BPD, kv, scales, kv_len_B, coef=coef, v_rank=v_rank,
+                                         finite_rows=finite_rows)
+    elif one_pass:
         o_BHE, lse_BH = _one_pass(a_q_BPH, b_q_BPD, *kv, kv_len_B, coef=coef, v_rank=v_rank, finite_rows=finite_rows)
     else:
         a_q = None if a_q_BPH is None else a_q_BPH[:, None]
         o_BTHE, lse_BTH = _blocked_attention(a_q, b_q_BPD[:, None], *kv, (lengths_B - 1)[:, None], kv_len_B,
                                              coef=coef, v_rank=v_rank, block=max(1, min(block_size, s_len)),
-                                             with_lse=True)
+                                             with_lse=True, scales=scales)
         o_BHE, lse_BH = o_BTHE[:, 0], lse_BTH[:, 0]
     if new_kv is None:
         return o_BHE
@@ -241,7 +288,8 @@ def _decode(a_q_BPH: Optional[jax.Array], b_q_BPD: jax.Array, kv: tuple, lengths
 def flashtpa_decode(a_q_BPH: jax.Array, b_q_BPD: jax.Array, a_k_BSRH: jax.Array, b_k_BSRD: jax.Array,
                     a_v_BSUH: jax.Array, b_v_BSUE: jax.Array, lengths_B: jax.Array, *, q_rank: int, k_rank: int,
                     v_rank: int, scale: float, block_size: int = 256, new_kv: Optional[tuple] = None,
-                    finite_rows: bool = False, one_pass: Optional[bool] = None) -> jax.Array:
+                    finite_rows: bool = False, one_pass: Optional[bool] = None,
+                    scales: Optional[tuple] = None) -> jax.Array:
     """FlashTPA decoding (paper Algorithm 2): one query token per sequence against a factor cache.
 
     b_q (RoPE'd) and b_k (pre-rotated) as in the module docstring; ``lengths_B``: cache rows
@@ -251,31 +299,32 @@ def flashtpa_decode(a_q_BPH: jax.Array, b_q_BPD: jax.Array, a_k_BSRH: jax.Array,
     the token after reading).  ``finite_rows``: the caller promises finite numbers in the rows past a
     length (the model's zero-initialised caches), which lets a CPU skip masking the value factors.
     ``one_pass``: True reads the cache in one pass, False in blocks of ``block_size`` rows, None
-    picks (one pass on a CPU up to :data:`ONE_PASS_MAX_ROWS` rows).  Returns o [B, H, E].
+    picks (one pass on a CPU up to :data:`ONE_PASS_MAX_ROWS` rows).  ``scales``: an int8 cache's
+    (a_k, b_k, a_v, b_v scales [B, S, rank] or None each).  Returns o [B, H, E].
     """
     lengths_B = jnp.asarray(lengths_B, jnp.int32).reshape(-1)
     o_BHE = _decode(a_q_BPH, b_q_BPD, (a_k_BSRH, b_k_BSRD, a_v_BSUH, b_v_BSUE), lengths_B, new_kv,
                     coef=scale / (q_rank * k_rank), v_rank=v_rank, block_size=block_size, finite_rows=finite_rows,
-                    one_pass=one_pass)
-    return o_BHE.astype(jnp.result_type(a_v_BSUH, b_v_BSUE))
+                    one_pass=one_pass, scales=scales)
+    return o_BHE.astype(_out_dtype(a_v_BSUH, b_v_BSUE))
 
 
 @functools.partial(jax.jit, static_argnames=("k_rank", "v_rank", "scale", "block_size", "finite_rows", "one_pass"))
 def flashtpa_decode_plain_q(q_BHD: jax.Array, a_k_BSRH: jax.Array, b_k_BSRD: jax.Array, a_v_BSUH: jax.Array,
                             b_v_BSUE: jax.Array, lengths_B: jax.Array, *, k_rank: int, v_rank: int, scale: float,
                             block_size: int = 256, new_kv: Optional[tuple] = None, finite_rows: bool = False,
-                            one_pass: Optional[bool] = None) -> jax.Array:
+                            one_pass: Optional[bool] = None, scales: Optional[tuple] = None) -> jax.Array:
     """Algorithm 2 for TPA-KVonly: a plain (RoPE'd) query [B, H, D] against factorised K/V.
 
     Logits are ``sum_r a_k[s, r, h] <q_h, b_k[s, r]> / R_K``: K is never formed.  Same cache layout,
-    masking, online softmax, ``new_kv``, ``finite_rows`` and ``one_pass`` as :func:`flashtpa_decode`;
+    masking, online softmax, ``new_kv``, ``finite_rows``, ``one_pass`` and ``scales`` as :func:`flashtpa_decode`;
     returns o [B, H, E].
     """
     lengths_B = jnp.asarray(lengths_B, jnp.int32).reshape(-1)
     o_BHE = _decode(None, q_BHD, (a_k_BSRH, b_k_BSRD, a_v_BSUH, b_v_BSUE), lengths_B, new_kv,
                     coef=scale / k_rank, v_rank=v_rank, block_size=block_size, finite_rows=finite_rows,
-                    one_pass=one_pass)
-    return o_BHE.astype(jnp.result_type(a_v_BSUH, b_v_BSUE))
+                    one_pass=one_pass, scales=scales)
+    return o_BHE.astype(_out_dtype(a_v_BSUH, b_v_BSUE))
 
 
 # ----------------------------------------------------------------------------- prefill (Alg. 1)
@@ -283,7 +332,7 @@ def flashtpa_decode_plain_q(q_BHD: jax.Array, a_k_BSRH: jax.Array, b_k_BSRD: jax
 def flashtpa_prefill(a_q_BTPH: jax.Array, b_q_BTPD: jax.Array, a_k_BSRH: jax.Array, b_k_BSRD: jax.Array,
                      a_v_BSUH: jax.Array, b_v_BSUE: jax.Array, *, q_rank: int, k_rank: int, v_rank: int, scale: float,
                      q_positions_BT: Optional[jax.Array] = None, kv_lengths_B: Optional[jax.Array] = None,
-                     block_size: int = 128, q_block_size: int = 128) -> jax.Array:
+                     block_size: int = 128, q_block_size: int = 128, scales: Optional[tuple] = None) -> jax.Array:
     """Specialised causal TPA (paper Algorithm 1) with blocked online softmax, o [B, T, H, E].
 
     Plain prefill: S == T, defaults ``q_positions_BT = arange(T)``, ``kv_lengths_B = S``.  Chunked
@@ -293,30 +342,32 @@ def flashtpa_prefill(a_q_BTPH: jax.Array, b_q_BTPD: jax.Array, a_k_BSRH: jax.Arr
 
     Queries are processed in tiles of ``q_block_size`` (``lax.map`` over the Q tiles); each tile
     loops only over the key blocks its causal window reaches, so fully masked blocks above the
-    diagonal are skipped.
+    diagonal are skipped.  ``scales``: an int8 cache's, as in :func:`flashtpa_decode`.
     """
     return _prefill_tiles(a_q_BTPH, b_q_BTPD, (a_k_BSRH, b_k_BSRD, a_v_BSUH, b_v_BSUE), q_positions_BT, kv_lengths_B,
                           coef=scale / (q_rank * k_rank), v_rank=v_rank, block_size=block_size,
-                          q_block_size=q_block_size)
+                          q_block_size=q_block_size, scales=scales)
 
 
 @functools.partial(jax.jit, static_argnames=("k_rank", "v_rank", "scale", "block_size", "q_block_size"))
 def flashtpa_prefill_plain_q(q_BTHD: jax.Array, a_k_BSRH: jax.Array, b_k_BSRD: jax.Array, a_v_BSUH: jax.Array,
                              b_v_BSUE: jax.Array, *, k_rank: int, v_rank: int, scale: float,
                              q_positions_BT: Optional[jax.Array] = None, kv_lengths_B: Optional[jax.Array] = None,
-                             block_size: int = 128, q_block_size: int = 128) -> jax.Array:
+                             block_size: int = 128, q_block_size: int = 128,
+                             scales: Optional[tuple] = None) -> jax.Array:
     """Algorithm 1 for TPA-KVonly: a plain (RoPE'd) query [B, T, H, D] against factorised K/V.
 
     Logits are ``sum_r a_k[s, r, h] <q_h, b_k[s, r]> / R_K`` (K never formed); positions, lengths,
-    tiling and the online softmax as in :func:`flashtpa_prefill`.  Returns o [B, T, H, E].
+    tiling, the online softmax and ``scales`` as in :func:`flashtpa_prefill`.  Returns o [B, T, H, E].
     """
     return _prefill_tiles(None, q_BTHD, (a_k_BSRH, b_k_BSRD, a_v_BSUH, b_v_BSUE), q_positions_BT, kv_lengths_B,
-                          coef=scale / k_rank, v_rank=v_rank, block_size=block_size, q_block_size=q_block_size)
+                          coef=scale / k_rank, v_rank=v_rank, block_size=block_size, q_block_size=q_block_size,
+                          scales=scales)
 
 
 def _prefill_tiles(a_q_BTPH: Optional[jax.Array], b_q_BTPD: jax.Array, kv: tuple, q_positions_BT: Optional[jax.Array],
                    kv_lengths_B: Optional[jax.Array], *, coef: float, v_rank: int, block_size: int,
-                   q_block_size: int) -> jax.Array:
+                   q_block_size: int, scales: Optional[tuple] = None) -> jax.Array:
     """The query-tiled loop of both prefill forms (``a_q_BTPH`` None: ``b_q_BTPD`` is a plain query)."""
     batch, t = b_q_BTPD.shape[:2]
     s_len = kv[0].shape[1]
@@ -335,9 +386,9 @@ def _prefill_tiles(a_q_BTPH: Optional[jax.Array], b_q_BTPD: jax.Array, kv: tuple
     def tile(args: tuple) -> jax.Array:
         b_q, pos = args[:2]
         a_q = args[2] if len(args) > 2 else None
-        return _blocked_attention(a_q, b_q, *kv, pos, kv_len_B, coef=coef, v_rank=v_rank, block=block)
+        return _blocked_attention(a_q, b_q, *kv, pos, kv_len_B, coef=coef, v_rank=v_rank, block=block, scales=scales)
 
     xs = (tiles(b_q_BTPD), tiles(q_pos_BT)) + (() if a_q_BTPH is None else (tiles(a_q_BTPH),))
     o_QBTHE = lax.map(tile, xs)
     o_BTHE = o_QBTHE.swapaxes(0, 1).reshape(batch, n_tiles * tq, *o_QBTHE.shape[3:])[:, :t]
-    return o_BTHE.astype(jnp.result_type(kv[2], kv[3]))
+    return o_BTHE.astype(_out_dtype(kv[2], kv[3]))

@@ -26,6 +26,7 @@ from .core import (AttentionMask, CacheLeaf, filled_BS, merge_parts, output_para
                    row_softmax, write_cache)
 from .context import context_size, expanded_partial, sharded_cache_attention, varying
 from .dispatch import attention_items
+from .quant import as_stored, dequantize_rows
 
 LATENT = ("batch", "length", "latent")  # the logical layout of the q and kv latents under a mesh
 
@@ -109,13 +110,14 @@ class MLAttention(nn.Module):
         q_c_BTHD, q_r_BTHF = self.queries(x_BTM, rope)
         if (cache is not None and x_BTM.shape[1] == 1 and cfg.decode_impl != "materialize"
                 and context_size() == 1):  # absorbed decode: read the rows, then write the token (in place)
-            rows = read_cache(cache)
-            new = {name: items[name].astype(rows[name].dtype) for name in rows}  # as the cache will hold them
+            stored = read_cache(cache)
+            rows = dequantize_rows(stored, cfg.compute_dtype)  # an int8 cache: the layer's rows dequantised
+            new = as_stored(items, stored, cfg.compute_dtype)  # as the cache will hold them
             o_B1HE = self.absorbed_attention(q_c_BTHD, q_r_BTHF, rows, start_B, new)
             return project_out(cfg, o_B1HE, self.w_o, self.out_norm), write_cache(cache, items, start_B)
         if cache is not None:
             cache = write_cache(cache, items, start_B)
-            items = read_cache(cache)
+            items = dequantize_rows(read_cache(cache), cfg.compute_dtype)
         if cache is not None and context_size() > 1:  # the cache's length axis is split over devices
             q_BTHD = jnp.concatenate([q_c_BTHD, q_r_BTHF], axis=-1)
             o_BTHE = sharded_cache_attention({"q": q_BTHD}, items, start_B, expanded_partial(cfg, self.keys_values))

@@ -15,6 +15,7 @@ from .context import context_size, expanded_partial, sharded_cache_attention
 from .core import AttentionMask, CacheLeaf, output_params, project_out, read_cache, write_cache
 from .decode import decode_attention, decode_form
 from .dispatch import attention_items
+from .quant import as_stored, dequantize_rows
 
 
 class StandardAttention(nn.Module):
@@ -57,21 +58,27 @@ class StandardAttention(nn.Module):
         items = self.kv_items(x_BTM, rope)
         if cache is not None and context_size() > 1:  # the cache's length axis is split over devices
             cache = write_cache(cache, items, start_B)
-            o_BTHE = sharded_cache_attention({"q": self.query(x_BTM, rope)}, read_cache(cache), start_B,
+            o_BTHE = sharded_cache_attention({"q": self.query(x_BTM, rope)}, self.read(cache), start_B,
                                              expanded_partial(cfg, self.keys_values))
             return project_out(cfg, o_BTHE.astype(x_BTM.dtype), self.w_o, self.out_norm), cache
         if cache is not None and x_BTM.shape[1] == 1:  # decode: read the old rows, then write the new one in place
-            rows = read_cache(cache)
-            new = tuple(items[n].astype(rows[n].dtype) for n in ("k", "v"))  # as the cache will hold them
+            stored = read_cache(cache)
+            rows = dequantize_rows(stored, cfg.compute_dtype)  # an int8 cache: the layer's rows dequantised
+            new = as_stored(items, stored, cfg.compute_dtype)  # as the cache will hold them
+            new = (new["k"], new["v"])
             o_B1HE = decode_attention(self.query(x_BTM, rope), (rows["k"], rows["v"]), new, start_B,
                                       scale=cfg.attn_scale, form=decode_form(cfg.kv_heads, cfg.n_head, rows["k"].dtype))
             cache = write_cache(cache, items, start_B)
             return project_out(cfg, o_B1HE.astype(x_BTM.dtype), self.w_o, self.out_norm), cache
         if cache is not None:
             cache = write_cache(cache, items, start_B)
-            items = read_cache(cache)
+            items = self.read(cache)
         o_BTHE = attention_items(cfg, self.query(x_BTM, rope), items, self.keys_values, key_rope, mask)
         return project_out(cfg, o_BTHE, self.w_o, self.out_norm), cache
+
+    def read(self, cache) -> dict[str, jax.Array]:
+        """The layer's cached K and V rows in float (an int8 cache's dequantised)."""
+        return dequantize_rows(read_cache(cache), self.cfg.compute_dtype)
 
     @staticmethod
     def keys_values(items: dict[str, jax.Array], key_rope: Optional[Rope] = None, batch: int = 0,

@@ -37,6 +37,7 @@ from .context import context_size, sharded_cache_attention, varying
 from .core import AttentionMask, CacheLeaf, output_params, project_out, read_cache, write_cache
 from .dispatch import attention_items
 from .kernels import flashtpa_decode_pallas
+from .quant import SCALE_SUFFIX, as_stored, dequantize, is_quantized, scale_name
 
 RANK_LETTER = {"q": "p", "k": "r", "v": "u"}  # P = R_Q, R = R_K, U = R_V
 
@@ -179,11 +180,22 @@ class TPAttention(nn.Module):
             items["c_k"], items["c_v"] = self._c(x_BTM, "k"), self._c(x_BTM, "v")
         return items
 
-    def kv_factors(self, items: dict[str, jax.Array], key_rope: Rope, batch: int, length: int) -> dict[str, jax.Array]:
+    def kv_factors(self, items: dict[str, jax.Array], key_rope: Rope, batch: int, length: int,
+                   keep_int8: bool = False) -> dict[str, jax.Array]:
         """Full K/V factors over ``length`` key positions from cached items: a_k [B, S, R, H],
-        b_k [B, S, R, D] (rotated), a_v [B, S, U, H], b_v [B, S, U, E]."""
+        b_k [B, S, R, D] (rotated), a_v [B, S, U, H], b_v [B, S, U, E].  Items of an int8 cache are
+        dequantised, except with ``keep_int8`` the factors read from the cache as they are (contextual
+        A; contextual, unshared second-order B), which stay int8 beside their scale ``<factor>_scale``
+        [B, S, rank] for FlashTPA to dequantise block by block."""
         cfg = self.cfg
         f = {}
+        if is_quantized(items):
+            keep = {"a_k", "a_v"} if keep_int8 and cfg.contextual_a else set()
+            if keep_int8 and cfg.contextual_b and not cfg.shared_kv_b and cfg.tpa_order == 2:
+                keep |= {"b_k", "b_v"}
+            f = {scale_name(name): items[scale_name(name)] for name in keep}
+            items = {name: x if name in keep else dequantize(x, items[scale_name(name)], cfg.compute_dtype)
+                     for name, x in items.items() if not name.endswith(SCALE_SUFFIX)}
         for n in ("k", "v"):
             if cfg.contextual_a:
                 f[f"a_{n}"] = items[f"a_{n}"]
@@ -232,9 +244,12 @@ class TPAttention(nn.Module):
         x_BTM = cast(x_BTM, cfg)
         batch, t = x_BTM.shape[:2]
         s = jax.tree_util.tree_leaves(cache)[0].shape[1]
-        f = self.kv_factors(cache, key_rope, batch, s)
+        f = self.kv_factors(cache, key_rope, batch, s, keep_int8=context_size() == 1)
         kv = (f["a_k"], f["b_k"], f["a_v"], f["b_v"])
         kw = dict(k_rank=cfg.k_rank, v_rank=cfg.v_rank, scale=cfg.attn_scale, block_size=cfg.decode_block_size)
+        scales = tuple(f.get(scale_name(n)) for n in ("a_k", "b_k", "a_v", "b_v"))
+        if any(x is not None for x in scales):  # an int8 cache: its blocks dequantised as they are read
+            kw["scales"] = scales
         plain_q = cfg.attention == "tpa_kvonly"
         if context_size() > 1:  # the cache's length axis is split over devices: merge per-shard partials
             if plain_q:
@@ -287,7 +302,7 @@ class TPAttention(nn.Module):
         one_token = x_BTM.shape[1] == 1 and cfg.decode_impl == "flash" and context_size() == 1
         if cache is not None and one_token:  # Alg. 2: read the rows, then write the token (in place)
             rows = read_cache(cache)
-            new = {name: items[name].astype(rows[name].dtype) for name in rows}  # as the cache will hold them
+            new = as_stored(items, rows, cfg.compute_dtype)  # as the cache will hold them
             o_BTM = self.flash_attention(x_BTM, rope, key_rope, rows, start_B, new_items=new)
             return o_BTM, write_cache(cache, items, start_B)
         if cache is not None:

@@ -34,6 +34,10 @@ accumulator is kept as [E, H] so that the [1, H] softmax statistics broadcast ov
 wrapper returns o [B, H, E].  Cache rows at or past ``lengths[b]`` (or past S in a partial last
 block) may hold anything, NaN included: their logits are masked and their value factors zeroed.
 
+An int8 cache (``scales``: float32 [B, S, rank] per factor, ``tpa_jax.model.attention.quant``) adds
+one scale block [S, rank] per factor beside its int8 block; the kernel dequantises each block it
+reads (the scales repeated over the block's lanes by a 0/1 matmul [rank, rank n]).
+
 Where it runs (``interpret``): ``None`` (the default, what the model uses) picks by the platform
 the call is lowered for -- the compiled Mosaic kernel on TPU, the Pallas interpreter on CPU, and
 on any other platform (GPU) the jnp FlashTPA of ``flashtpa.flashtpa_decode`` (same numbers; no
@@ -95,14 +99,27 @@ def _diagonal_blocks(rank: int, rows: int, cols: int) -> jax.Array:
     return functools.reduce(jnp.logical_or, [in_block(i, r, rows) & in_block(j, r, cols) for r in range(rank)])
 
 
+def _spread(rank: int, n: int) -> jax.Array:
+    """0/1 matrix [rank, rank*n]: row r has ones at lanes r*n .. r*n + n - 1 (a scale per rank, repeated)."""
+    shape = (rank, rank * n)
+    r, lane = lax.broadcasted_iota(jnp.int32, shape, 0), lax.broadcasted_iota(jnp.int32, shape, 1)
+    return jnp.where((lane >= r * n) & (lane < (r + 1) * n), 1.0, 0.0).astype(_F32)
+
+
 def _kernel(lengths_ref: Ref, w1_ref: Ref, w2_ref: Ref, a_k_ref: Ref, b_k_ref: Ref, a_v_ref: Ref, b_v_ref: Ref,
-            o_ref: Ref, m_ref: Ref, l_ref: Ref, acc_ref: Ref, *, block: int, heads: int, k_rank: int,
-            v_rank: int) -> None:
+            *refs: Ref, block: int, heads: int, k_rank: int, v_rank: int, quantized: bool) -> None:
     """Grid step (b, i).  Refs: lengths (SMEM, [B]); w1 [R D, R P], w2 [R P, R H]; one cache block
-    a_k [S, R H], b_k [S, R D], a_v [S, U H], b_v [S, U E]; out o [E, H]; scratch m, l [1, H], acc [E, H]."""
+    a_k [S, R H], b_k [S, R D], a_v [S, U H], b_v [S, U E] (``quantized``: int8, then their scale
+    blocks [S, R] and [S, U]); out o [E, H]; scratch m, l [1, H], acc [E, H]."""
+    scale_refs, (o_ref, m_ref, l_ref, acc_ref) = (refs[:4], refs[4:]) if quantized else ((None,) * 4, refs)
     b, i = pl.program_id(0), pl.program_id(1)
     length = lengths_ref[b]
     e = acc_ref.shape[0]
+
+    def load(ref: Ref, scale_ref: Optional[Ref], rank: int) -> jax.Array:
+        """A cache block as float32, an int8 one times its row scales spread over the lanes."""
+        x = ref[...].astype(_F32)
+        return x if scale_ref is None else x * _dot(scale_ref[...].astype(_F32), _spread(rank, x.shape[1] // rank))
 
     @pl.when(i == 0)
     def _init() -> None:
@@ -114,9 +131,9 @@ def _kernel(lengths_ref: Ref, w1_ref: Ref, w2_ref: Ref, a_k_ref: Ref, b_k_ref: R
     def _step() -> None:
         filled = lambda width: i * block + lax.broadcasted_iota(jnp.int32, (block, width), 0) < length  # noqa: E731
         # logits (Alg. 3 steps S1, S2, S3 for all key ranks at once)
-        s1 = _dot(b_k_ref[...].astype(_F32), w1_ref[...].astype(_F32))  # [S, R P]
+        s1 = _dot(load(b_k_ref, scale_refs[1], k_rank), w1_ref[...].astype(_F32))  # [S, R P]
         s2 = _dot(s1, w2_ref[...].astype(_F32))  # [S, R H]
-        mixed = s2 * a_k_ref[...].astype(_F32)
+        mixed = s2 * load(a_k_ref, scale_refs[0], k_rank)
         logits_SH = mixed if k_rank == 1 else _dot(mixed, _fold(k_rank, heads, ranked_rows=True))
         logits_SH = jnp.where(filled(heads), logits_SH, -jnp.inf)
 
@@ -129,8 +146,8 @@ def _kernel(lengths_ref: Ref, w1_ref: Ref, w2_ref: Ref, a_k_ref: Ref, b_k_ref: R
         m_ref[...] = m_new
 
         # value aggregation from the factors: (p (.) a_V)^T b_V per value rank, summed over ranks
-        a_v = jnp.where(filled(v_rank * heads), a_v_ref[...].astype(_F32), 0.0)  # [S, U H]
-        b_v = jnp.where(filled(v_rank * e), b_v_ref[...].astype(_F32), 0.0)  # [S, U E]
+        a_v = jnp.where(filled(v_rank * heads), load(a_v_ref, scale_refs[2], v_rank), 0.0)  # [S, U H]
+        b_v = jnp.where(filled(v_rank * e), load(b_v_ref, scale_refs[3], v_rank), 0.0)  # [S, U E]
         p_rep = p_SH if v_rank == 1 else _dot(p_SH, _fold(v_rank, heads, ranked_rows=False))
         y = _dot(b_v, p_rep * a_v, contract=(0, 0))  # [U E, U H]
         if v_rank > 1:
@@ -159,8 +176,9 @@ def _block_rows(block_size: int, s_len: int) -> int:
 
 def _pallas_decode(a_q_BPH: jax.Array, b_q_BPD: jax.Array, a_k_BSRH: jax.Array, b_k_BSRD: jax.Array,
                    a_v_BSUH: jax.Array, b_v_BSUE: jax.Array, lengths_B: jax.Array, *, coef: float, block: int,
-                   interpret: Any) -> jax.Array:
-    """The pallas_call: o [B, H, E] (``interpret``: False for Mosaic, else an interpreter)."""
+                   interpret: Any, scales: Optional[tuple] = None) -> jax.Array:
+    """The pallas_call: o [B, H, E] (``interpret``: False for Mosaic, else an interpreter; ``scales``:
+    an int8 cache's, each [B, S, rank])."""
     batch, p, h = a_q_BPH.shape
     d = b_q_BPD.shape[-1]
     s_len, r = a_k_BSRH.shape[1:3]
@@ -170,7 +188,7 @@ def _pallas_decode(a_q_BPH: jax.Array, b_q_BPD: jax.Array, a_k_BSRH: jax.Array, 
     w2 = jax.vmap(lambda a_q_PH: jnp.kron(jnp.eye(r, dtype=_F32), a_q_PH.astype(_F32) * coef))(a_q_BPH)
     # free views of the cache with (rank, head|feature) in lanes: [B, S, R H], [B, S, R D], [B, S, U H], [B, S, U E]
     lanes = lambda x: x.reshape(batch, s_len, -1)  # noqa: E731
-    cache = [lanes(a_k_BSRH), lanes(b_k_BSRD), lanes(a_v_BSUH), lanes(b_v_BSUE)]
+    cache = [lanes(a_k_BSRH), lanes(b_k_BSRD), lanes(a_v_BSUH), lanes(b_v_BSUE)] + list(scales or ())
     sq = pl.squeezed
     per_row = lambda shape: pl.BlockSpec((sq, *shape), lambda b_, i_, lens: (b_, 0, 0))  # noqa: E731
     cache_block = lambda width: pl.BlockSpec(  # noqa: E731
@@ -183,10 +201,10 @@ def _pallas_decode(a_q_BPH: jax.Array, b_q_BPD: jax.Array, a_k_BSRH: jax.Array, 
         out_specs=per_row((e, h)),
         scratch_shapes=[pltpu.VMEM((1, h), _F32), pltpu.VMEM((1, h), _F32), pltpu.VMEM((e, h), _F32)],
     )
-    kernel = functools.partial(_kernel, block=block, heads=h, k_rank=r, v_rank=u)
+    kernel = functools.partial(_kernel, block=block, heads=h, k_rank=r, v_rank=u, quantized=scales is not None)
     o_BEH = pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct((batch, e, h), jnp.result_type(a_v_BSUH, b_v_BSUE)),
+        out_shape=jax.ShapeDtypeStruct((batch, e, h), flashtpa._out_dtype(a_v_BSUH, b_v_BSUE)),
         grid_spec=grid_spec,
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
         interpret=interpret,
@@ -199,8 +217,10 @@ def _pallas_decode(a_q_BPH: jax.Array, b_q_BPD: jax.Array, a_k_BSRH: jax.Array, 
 def flashtpa_decode_pallas(a_q_BPH: jax.Array, b_q_BPD: jax.Array, a_k_BSRH: jax.Array, b_k_BSRD: jax.Array,
                            a_v_BSUH: jax.Array, b_v_BSUE: jax.Array, lengths_B: jax.Array, *, q_rank: int,
                            k_rank: int, v_rank: int, scale: float, block_size: int = 256,
-                           interpret: Optional[Any] = None) -> jax.Array:
+                           interpret: Optional[Any] = None, scales: Optional[tuple] = None) -> jax.Array:
     """Pallas FlashTPA decode -> o [B, H, E] (see the module docstring).
+
+    ``scales``: an int8 cache's (a_k, b_k, a_v, b_v scales [B, S, rank], None for a float factor).
 
     ``block_size``: cache rows per grid step (a multiple of 8, or >= S for one block).
     ``interpret``: None picks by lowering platform (TPU kernel / CPU interpreter / jnp FlashTPA
@@ -216,10 +236,12 @@ def flashtpa_decode_pallas(a_q_BPH: jax.Array, b_q_BPD: jax.Array, a_k_BSRH: jax
     block = _block_rows(block_size, s_len)
     lengths_B = jnp.clip(jnp.asarray(lengths_B, jnp.int32).reshape(batch), 0, s_len)
     args = (a_q_BPH, b_q_BPD, a_k_BSRH, b_k_BSRD, a_v_BSUH, b_v_BSUE, lengths_B)
-    call = functools.partial(_pallas_decode, coef=scale / (q_rank * k_rank), block=block)
+    if scales is not None:  # a float factor beside int8 ones: scale 1
+        scales = tuple(jnp.ones(x.shape[:3], _F32) if sc is None else sc for x, sc in zip(args[2:6], scales))
+    call = functools.partial(_pallas_decode, coef=scale / (q_rank * k_rank), block=block, scales=scales)
     if interpret is not None:
         return call(*args, interpret=interpret)
     fallback = functools.partial(flashtpa.flashtpa_decode, q_rank=q_rank, k_rank=k_rank, v_rank=v_rank, scale=scale,
-                                 block_size=block_size)
+                                 block_size=block_size, scales=scales)
     return lax.platform_dependent(*args, cpu=functools.partial(call, interpret=True),
                                   tpu=functools.partial(call, interpret=False), default=fallback)
