@@ -3,6 +3,7 @@
     python eval.py kv-report                                # the paper's small family, 80 GiB, bf16
     python eval.py kv-report --config t6-small --config mha-small --out runs/eval
     python eval.py perplexity --checkpoint runs/t6-tiny     # loss / perplexity on held-out shards
+    python eval.py cache-quality --checkpoint runs/t6-tiny  # the same through float32 and int8 decode caches
     python eval.py generate --checkpoint runs/t6-tiny --prompt "def "
     python eval.py decode-bench --max-log2 15               # per-token decode time (paper Fig. 5)
 
@@ -141,6 +142,17 @@ def _load_run(args):
     return tpa_jax.load(args.checkpoint, step=args.step)
 
 
+def _report(res: dict, args) -> int:
+    """Print a checkpoint evaluation's result as one JSON line, and write it to ``--out`` if given."""
+    res["checkpoint"] = os.path.abspath(args.checkpoint)
+    print(json.dumps(res))
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(res, f, indent=1)
+    return 0
+
+
 def _add_perplexity(sub) -> None:
     p = sub.add_parser("perplexity", help="validation loss and perplexity of a checkpoint",
                        description="Loss and perplexity of a checkpoint on held-out shards (default: the "
@@ -164,13 +176,31 @@ def _run_perplexity(args) -> int:
     res = perplexity(_load_run(args), args.data, split=args.split, seq_len=args.seq_len,
                      batch_size=args.batch_size, max_batches=args.max_batches,
                      allow_tokenizer_mismatch=args.allow_tokenizer_mismatch)
-    res["checkpoint"] = os.path.abspath(args.checkpoint)
-    print(json.dumps(res))
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(res, f, indent=1)
-    return 0
+    return _report(res, args)
+
+
+def _add_cache_quality(sub) -> None:
+    p = sub.add_parser("cache-quality", help="perplexity through decode caches of different dtypes",
+                       description="Teacher-forced decoding of held-out shards through a decode cache of each "
+                                   "--cache-dtype: loss, perplexity, its change and max |d logits| against the first.")
+    _add_checkpoint_args(p)
+    p.add_argument("--data", default=None, metavar="MANIFEST", help="prepared shards (default: the run's own data)")
+    p.add_argument("--split", default="val", help="split to read (default val)")
+    p.add_argument("--seq-len", type=_positive_int, default=None, help="window length (default: the run's)")
+    p.add_argument("--batch-size", type=_positive_int, default=8, help="windows per batch (default 8)")
+    p.add_argument("--max-batches", type=_positive_int, default=4, help="batches to score (default 4)")
+    p.add_argument("--cache-dtype", nargs="+", default=["float32", "int8"], metavar="DTYPE",
+                   help="cache dtypes, the reference first (default: float32 int8)")
+    p.add_argument("--out", default=None, metavar="FILE", help="also write the result as JSON here")
+    p.set_defaults(func=_run_cache_quality)
+
+
+def _run_cache_quality(args) -> int:
+    from .cache_quality import cache_quality
+
+    res = cache_quality(_load_run(args), args.data, cache_dtypes=args.cache_dtype, split=args.split,
+                        seq_len=args.seq_len, batch_size=args.batch_size, max_batches=args.max_batches)
+    return _report(res, args)
 
 
 # ------------------------------------------------------------------------------------ generate
@@ -304,6 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_kv_report(sub)
     _add_perplexity(sub)
+    _add_cache_quality(sub)
     _add_generate(sub)
     _add_decode_bench(sub)
     return parser
