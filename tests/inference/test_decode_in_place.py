@@ -34,7 +34,7 @@ def _compiled_step(cfg, batch=2):
 
     lengths = jnp.full((batch,), S // 2, jnp.int32)
     tokens = jnp.zeros((batch, 1), jnp.int32)
-    jitted = jax.jit(step, donate_argnums=(1,), compiler_options=decode_compiler_options())
+    jitted = jax.jit(step, donate_argnums=(1,), compiler_options=decode_compiler_options(cfg))
     return jitted.lower(params, cache["layers"], lengths, tokens).compile(), cache
 
 
@@ -118,3 +118,14 @@ def test_decode_under_remat_equals_plain(attention):
             steps.append(out)
         outs.append(np.asarray(jnp.concatenate(steps, axis=1)))
     np.testing.assert_allclose(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+
+
+def test_compiler_options_pick_eigen_for_factor_caches():
+    """On a CPU the factor and latent caches (TPA, TPA-KVonly, MLA) decode with Eigen's dots, K/V
+    caches with the default libraries; every CPU step gets region-analysis copy insertion."""
+    for attention in ("tpa", "tpa_kvonly", "mla", "mha", "gqa"):
+        options = decode_compiler_options(_cfg(attention, **({"n_kv_head": 2} if attention == "gqa" else {})))
+        assert options["xla_cpu_copy_insertion_use_region_analysis"] is True
+        eigen = attention in ("tpa", "tpa_kvonly", "mla")
+        assert ("xla_cpu_use_xnnpack" in options) == eigen and options.get("xla_cpu_use_xnnpack", False) is False
+    assert decode_compiler_options() == {"xla_cpu_copy_insertion_use_region_analysis": True}

@@ -24,7 +24,7 @@ What one measured point is:
   with pseudo-random values in [-1, 1) and ``lengths`` is ``S - 1`` for every sequence: the step
   writes the new token into the last slot and attends over all ``S`` positions (a full cache).
 * The step is ``logits_fn(cfg)(params, tokens[B, 1], cache=cache)`` under ``jax.jit`` with the
-  cache layers donated and ``inference.decode_compiler_options()``; the returned layers are fed
+  cache layers donated and ``inference.decode_compiler_options(cfg)``; the returned layers are fed
   back on every repetition, so no copy is made.
   After compiling and ``warmup`` untimed steps, the mechanisms of one (d_model, batch, context)
   point are timed interleaved (round robin, rotating order), ``reps`` steps each, each step ended
@@ -157,7 +157,7 @@ def _make_step(cfg: ModelConfig):
         out, cache = logits(params, tokens, cache={"lengths": lengths, "layers": layers})
         return out, cache["layers"]
 
-    return jax.jit(step, donate_argnums=(1,), compiler_options=decode_compiler_options())
+    return jax.jit(step, donate_argnums=(1,), compiler_options=decode_compiler_options(cfg))
 
 
 class _Run:

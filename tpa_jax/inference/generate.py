@@ -193,11 +193,11 @@ def _generate_impl(params, prompts, prompt_lengths, cache, key, temperature, top
 
 
 @functools.cache
-def _generate_jit():
-    """The jitted prefill-and-decode loop, compiled with ``decode_compiler_options`` (made on first
-    use: the options depend on the backend)."""
+def _generate_jit(options: tuple = ()):
+    """The jitted prefill-and-decode loop, compiled with ``options`` (``decode_compiler_options``'s
+    items: made on first use, since they depend on the backend and the mechanism)."""
     return jax.jit(_generate_impl, static_argnames=("cfg", "buffer", "top_k", "greedy", "use_top_p", "pad_id"),
-                   compiler_options=decode_compiler_options())
+                   compiler_options=dict(options))
 
 
 def generate(params: Any, cfg: ModelConfig, prompt_tokens: Prompts, max_new_tokens: int, *,
@@ -241,7 +241,7 @@ def generate(params: Any, cfg: ModelConfig, prompt_tokens: Prompts, max_new_toke
     greedy = temperature < GREEDY_BELOW
     # host arrays go to the jitted call as numpy: jnp.asarray would compile a transfer per new shape
     with parallel.mesh_context(mesh) if mesh is not None else contextlib.nullcontext():
-        out, n = _generate_jit()(params, prompts, lengths, cache, jax.random.key(int(seed)),
+        out, n = _generate_jit(tuple(sorted(decode_compiler_options(cfg).items())))(params, prompts, lengths, cache, jax.random.key(int(seed)),
                            np.float32(temperature if not greedy else 1.0), np.float32(top_p or 1.0),
                            stops, np.int32(max_new_tokens), cfg=cfg, buffer=buffer, top_k=top_k,
                            greedy=greedy, use_top_p=top_p is not None, pad_id=int(pad_id))
