@@ -72,15 +72,16 @@ def forward(model):
     return jax.jit(tpa_jax.logits_fn(model.cfg))
 
 
-def largest_intermediate(fn, *args):
-    """Element count of the largest value any equation of ``fn``'s jaxpr produces (sub-jaxprs too)."""
+def largest_intermediate(fn, *args, floating_only: bool = False):
+    """Element count of the largest value any equation of ``fn``'s jaxpr produces (sub-jaxprs too;
+    with ``floating_only``, of the floating-point values only)."""
     best = 0
 
     def walk(jaxpr):
         nonlocal best
         for eqn in jaxpr.eqns:
             for v in eqn.outvars:
-                if hasattr(v.aval, "shape"):
+                if hasattr(v.aval, "shape") and not (floating_only and not jnp.issubdtype(v.aval.dtype, jnp.floating)):
                     best = max(best, int(np.prod(v.aval.shape)))
             for p in eqn.params.values():
                 for sub in (p if isinstance(p, (tuple, list)) else (p,)):

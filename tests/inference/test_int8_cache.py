@@ -19,7 +19,7 @@ from tpa_jax.inference import cache_bytes_per_token, cache_logical_axes, cache_s
 from tpa_jax.model.attention import flashtpa, quant
 from tpa_jax.model.attention.kernels import flashtpa_decode_pallas
 
-from _util import VARIANTS, cfg_of, init_params, tokens
+from _util import VARIANTS, cfg_of, init_params, largest_intermediate, tokens
 
 ACCOUNTED = ["tpa", "tpa_kvonly", "tpa_shared_b", "tpa_nonctx_a", "tpa_nonctx_b", "tpa_order3", "mha", "mqa", "gqa",
              "mla", "tpa_shared_b_nonctx_b"]
@@ -134,27 +134,6 @@ def test_flashtpa_int8_decode_equals_float64_softmax(s_len, one_pass, plain_q):
     np.testing.assert_allclose(np.asarray(got), reference(q, kv, scales, lengths, scale, (r, u)), rtol=1e-5, atol=1e-5)
 
 
-def largest_float_intermediate(fn, *args):
-    """Element count of the largest floating-point value any equation of ``fn``'s jaxpr produces."""
-    best = 0
-
-    def walk(jaxpr):
-        nonlocal best
-        for eqn in jaxpr.eqns:
-            for v in eqn.outvars:
-                if hasattr(v.aval, "shape") and jnp.issubdtype(v.aval.dtype, jnp.floating):
-                    best = max(best, int(np.prod(v.aval.shape)))
-            for prm in eqn.params.values():
-                for sub in (prm if isinstance(prm, (tuple, list)) else (prm,)):
-                    if hasattr(sub, "jaxpr"):
-                        walk(sub.jaxpr if hasattr(sub.jaxpr, "eqns") else sub.jaxpr.jaxpr)
-                    elif hasattr(sub, "eqns"):
-                        walk(sub)
-
-    walk(jax.make_jaxpr(fn)(*args).jaxpr)
-    return best
-
-
 @pytest.mark.parametrize("one_pass", [True, False])
 def test_flashtpa_int8_decode_never_dequantises_the_whole_cache(one_pass):
     """Every float array of the int8 decode is smaller than the smallest cache leaf (1024 numbers
@@ -168,10 +147,10 @@ def test_flashtpa_int8_decode_never_dequantises_the_whole_cache(one_pass):
     lengths = jnp.asarray([s_len], jnp.int32)
     kw = dict(q_rank=2, k_rank=r, v_rank=r, scale=0.3, block_size=16, one_pass=one_pass)
     int8_fn = lambda *kv: flashtpa.flashtpa_decode(a_q, b_q, *kv, lengths, scales=scales, **kw)
-    assert largest_float_intermediate(int8_fn, *kv) < smallest_leaf
+    assert largest_intermediate(int8_fn, *kv, floating_only=True) < smallest_leaf
     dequantised = tuple(quant.dequantize(x, sc) for x, sc in zip(kv, scales))
     float_fn = lambda *kv: flashtpa.flashtpa_decode(a_q, b_q, *kv, lengths, **{**kw, "one_pass": True})
-    assert largest_float_intermediate(float_fn, *dequantised) >= smallest_leaf
+    assert largest_intermediate(float_fn, *dequantised, floating_only=True) >= smallest_leaf
 
 
 @pytest.mark.parametrize("attention", ["tpa", "tpa_kvonly"])
