@@ -240,9 +240,10 @@ def generate(params: Any, cfg: ModelConfig, prompt_tokens: Prompts, max_new_toke
     cache = init_cache(cfg, prompts.shape[0], capacity, dtype=dtype, mesh=mesh)
     greedy = temperature < GREEDY_BELOW
     # host arrays go to the jitted call as numpy: jnp.asarray would compile a transfer per new shape
+    run = _generate_jit(tuple(sorted(decode_compiler_options(cfg).items())))
     with parallel.mesh_context(mesh) if mesh is not None else contextlib.nullcontext():
-        out, n = _generate_jit(tuple(sorted(decode_compiler_options(cfg).items())))(params, prompts, lengths, cache, jax.random.key(int(seed)),
-                           np.float32(temperature if not greedy else 1.0), np.float32(top_p or 1.0),
-                           stops, np.int32(max_new_tokens), cfg=cfg, buffer=buffer, top_k=top_k,
-                           greedy=greedy, use_top_p=top_p is not None, pad_id=int(pad_id))
+        out, n = run(params, prompts, lengths, cache, jax.random.key(int(seed)),
+                     np.float32(temperature if not greedy else 1.0), np.float32(top_p or 1.0),
+                     stops, np.int32(max_new_tokens), cfg=cfg, buffer=buffer, top_k=top_k,
+                     greedy=greedy, use_top_p=top_p is not None, pad_id=int(pad_id))
     return Generation(np.asarray(out)[:, :max_new_tokens], np.asarray(n))
