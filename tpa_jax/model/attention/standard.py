@@ -65,8 +65,7 @@ class StandardAttention(nn.Module):
             stored = read_cache(cache)
             rows = dequantize_rows(stored, cfg.compute_dtype)  # an int8 cache: the layer's rows dequantised
             new = as_stored(items, stored, cfg.compute_dtype)  # as the cache will hold them
-            new = (new["k"], new["v"])
-            o_B1HE = decode_attention(self.query(x_BTM, rope), (rows["k"], rows["v"]), new, start_B,
+            o_B1HE = decode_attention(self.query(x_BTM, rope), (rows["k"], rows["v"]), (new["k"], new["v"]), start_B,
                                       scale=cfg.attn_scale, form=decode_form(cfg.kv_heads, cfg.n_head, rows["k"].dtype))
             cache = write_cache(cache, items, start_B)
             return project_out(cfg, o_B1HE.astype(x_BTM.dtype), self.w_o, self.out_norm), cache
