@@ -45,6 +45,7 @@ class DecodeCarry(NamedTuple):
 
     x: jax.Array
     layers: dict[str, jax.Array]
+    page_table: Optional[jax.Array] = None
 
 
 class Block(nn.Module):
@@ -62,7 +63,8 @@ class Block(nn.Module):
     def __call__(self, carry: Any, rope: Rope, key_rope: Optional[Rope], mask: AttentionMask,
                  start_B: Optional[jax.Array], layer: Optional[jax.Array]) -> tuple[Any, Any]:
         cfg = self.cfg
-        x_BTM, cache = ((carry[0], LayerCache(carry[1], layer, isinstance(carry, DecodeCarry)))
+        x_BTM, cache = ((carry[0], LayerCache(carry[1], layer, isinstance(carry, DecodeCarry),
+                                              page_table=carry[2]))
                         if isinstance(carry, tuple) else (carry, None))
         x_BTM = constrain(x_BTM, ACTIVATION_AXES)  # the residual stream's layout at every block boundary
         h_BTM = RMSNorm(cfg, cfg.d_model, cfg.norm_eps, cfg.norm_weight, name="attn_norm")(x_BTM)
@@ -74,7 +76,7 @@ class Block(nn.Module):
         x_BTM = constrain(x_BTM, ACTIVATION_AXES)
         if cache is None:
             return x_BTM, None
-        out = (x_BTM, cache.layers)
+        out = (x_BTM, cache.layers, cache.page_table)
         return (DecodeCarry(*out) if cache.deferred else out), cache.pending
 
 
@@ -128,20 +130,27 @@ class Transformer(nn.Module):
             x_BTM = unstripe(x_BTM, c) if striped else x_BTM
             return self.embed.attend(self.final_norm(x_BTM))
         lengths_B = cache["lengths"]
+        page_table = cache.get("page_table")  # a paged cache: pools [L, N, page_size, ...] (inference.paged)
         max_len = jax.tree_util.tree_leaves(cache["layers"])[0].shape[2]
+        if page_table is not None:
+            max_len *= page_table.shape[1]
         if t > max_len:
             raise ValueError(f"tokens: {t} new tokens exceed the cache capacity max_len={max_len}")
         q_positions_BT = lengths_B[:, None] + index_T[None, :]
         key_positions_S = jnp.arange(max_len, dtype=jnp.int32)
         mask = AttentionMask(q_positions_BT, lengths_B + t)  # keys: the cache rows 0..max_len-1
         deferred = t == 1 and context_size() == 1  # decode: the layer loop only reads the cache
-        carry = DecodeCarry(x_BTM, cache["layers"]) if deferred else (x_BTM, cache["layers"])
-        (x_BTM, layers), pending = self.blocks(carry, tables(q_positions_BT), tables(key_positions_S[None, :]), mask,
+        carry = (DecodeCarry(x_BTM, cache["layers"], page_table) if deferred
+                 else (x_BTM, cache["layers"], page_table))
+        (x_BTM, layers, _), pending = self.blocks(carry, tables(q_positions_BT), tables(key_positions_S[None, :]), mask,
                                                lengths_B, jnp.arange(cfg.n_layer, dtype=jnp.int32))
         if deferred:
-            layers = write_stack(layers, pending, lengths_B)
+            layers = write_stack(layers, pending, lengths_B, page_table)
         new_lengths_B = lengths_B + (t if valid_lengths is None else jnp.asarray(valid_lengths, jnp.int32))
-        return self.embed.attend(self.final_norm(x_BTM)), {"lengths": new_lengths_B, "layers": layers}
+        new_cache = {"lengths": new_lengths_B, "layers": layers}
+        if page_table is not None:
+            new_cache["page_table"] = page_table
+        return self.embed.attend(self.final_norm(x_BTM)), new_cache
 
 
 def cross_entropy(logits: jax.Array, targets: jax.Array, ignore_index: int = -1) -> jax.Array:

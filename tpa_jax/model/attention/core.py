@@ -155,13 +155,25 @@ class LayerCache(NamedTuple):
     writes into every layer at once after it (:func:`write_stack`).  The loop then only reads the
     donated stack, so XLA neither copies nor rewrites it.  The decode paths read the old rows
     (``read_cache`` before ``write_cache``) and take the new token's items separately; a path that
-    reads after writing gets the rows with the pending token put in (a copy of the layer's rows)."""
+    reads after writing gets the rows with the pending token put in (a copy of the layer's rows).
+
+    A paged cache (``page_table`` int32 [B, J], ``tpa_jax.inference.paged``) holds a pool of pages
+    {name: [L, N, page_size, ...]} instead: row s of sequence b is row ``s % page_size`` of page
+    ``page_table[b, s // page_size]``, writes to pages past the pool (``N``, no page) are dropped, and
+    a read gathers each sequence's pages into rows [B, J page_size, ...] (:func:`paged_rows`; FlashTPA
+    decoding reads the pool page by page instead)."""
 
     layers: dict[str, jax.Array]
     index: jax.Array
     deferred: bool = False
     pending: Optional[dict[str, jax.Array]] = None
     start_B: Optional[jax.Array] = None
+    page_table: Optional[jax.Array] = None
+
+    def layer_pool(self) -> dict[str, jax.Array]:
+        """This layer's leaves of the stack: [B, S, ...], or a paged cache's pool [N, page_size, ...]."""
+        return {name: jax.lax.dynamic_index_in_dim(buf, self.index, 0, keepdims=False)
+                for name, buf in self.layers.items()}
 
 
 def _bits(x: jax.Array) -> jax.Array:
@@ -184,16 +196,38 @@ def _put_rows(buf_BS: jax.Array, new_BT: jax.Array, start_B: jax.Array) -> jax.A
     return jax.vmap(put)(buf_BS, new_BT, start_B)
 
 
-def _set_rows(buf: jax.Array, index: tuple, new: jax.Array) -> jax.Array:
-    """``buf.at[index].set(new)`` (in bounds), a 16-bit buffer through its bits."""
-    bits = _bits(buf).at[index].set(_bits(new.astype(buf.dtype)), mode="promise_in_bounds")
+def _set_rows(buf: jax.Array, index: tuple, new: jax.Array, mode: str = "promise_in_bounds") -> jax.Array:
+    """``buf.at[index].set(new)`` (in bounds, or ``mode="drop"``), a 16-bit buffer through its bits."""
+    bits = _bits(buf).at[index].set(_bits(new.astype(buf.dtype)), mode=mode)
     return _unbits(bits, buf.dtype)
 
 
-def write_stack(layers: dict[str, jax.Array], new: dict[str, jax.Array], start_B: jax.Array) -> dict[str, jax.Array]:
+def page_slots(page_table_BJ: jax.Array, rows_BT: jax.Array, page_size: int) -> tuple[jax.Array, jax.Array]:
+    """(page, offset) int32 [B, T] of rows ``rows_BT`` of each sequence in a paged cache.  A row past
+    the table's J pages gets a page past any pool, so that, like the table's own "no page" entries,
+    a write there is dropped."""
+    no_page = jnp.iinfo(jnp.int32).max
+    page_BT = jnp.take_along_axis(page_table_BJ, rows_BT // page_size, axis=1, mode="fill", fill_value=no_page)
+    return page_BT, rows_BT % page_size
+
+
+def paged_rows(pool: jax.Array, page_table_BJ: jax.Array) -> jax.Array:
+    """One layer's pool [N, page_size, ...] read as each sequence's rows [B, J page_size, ...]
+    (a page past the pool reads the last page: rows past a length are masked by every reader)."""
+    b, j = page_table_BJ.shape
+    rows = jnp.take(pool, page_table_BJ.reshape(-1), axis=0, mode="clip")
+    return rows.reshape(b, j * pool.shape[1], *pool.shape[2:])
+
+
+def write_stack(layers: dict[str, jax.Array], new: dict[str, jax.Array], start_B: jax.Array,
+                page_table: Optional[jax.Array] = None) -> dict[str, jax.Array]:
     """Write every layer's new token at once: ``new[name]`` [L, B, 1, ...] at row ``start_B[b]`` of
-    sequence b of ``layers[name]`` [L, B, S, ...] (in place when the stack is donated)."""
+    sequence b of ``layers[name]`` [L, B, S, ...] (in place when the stack is donated), or through
+    ``page_table`` into a paged pool [L, N, page_size, ...]."""
     def put(buf: jax.Array, new_LB1: jax.Array) -> jax.Array:
+        if page_table is not None:
+            page_B1, off_B1 = page_slots(page_table, start_B[:, None], buf.shape[2])
+            return _set_rows(buf, (slice(None), page_B1[:, 0], off_B1[:, 0]), new_LB1[:, :, 0], mode="drop")
         b, s = buf.shape[1], buf.shape[2]
         return _set_rows(buf, (slice(None), jnp.arange(b), jnp.clip(start_B, 0, s - 1)), new_LB1[:, :, 0])
 
@@ -209,6 +243,12 @@ def write_cache(cache: dict[str, jax.Array] | LayerCache, items: dict[str, jax.A
     items = store(items, cache.layers if isinstance(cache, LayerCache) else cache)
     if isinstance(cache, LayerCache) and cache.deferred:
         return cache._replace(pending=items, start_B=start_B)
+    if isinstance(cache, LayerCache) and cache.page_table is not None:
+        t = next(iter(items.values())).shape[1]
+        page_size = next(iter(cache.layers.values())).shape[2]
+        page_BT, off_BT = page_slots(cache.page_table, start_B[:, None] + jnp.arange(t, dtype=jnp.int32), page_size)
+        return cache._replace(layers={name: _set_rows(buf, (cache.index, page_BT, off_BT), items[name], mode="drop")
+                                      for name, buf in cache.layers.items()})
     if isinstance(cache, LayerCache):
         b, t = next(iter(items.values())).shape[:2]
         s = next(iter(cache.layers.values())).shape[2]
@@ -221,11 +261,12 @@ def write_cache(cache: dict[str, jax.Array] | LayerCache, items: dict[str, jax.A
 
 
 def read_cache(cache: dict[str, jax.Array] | LayerCache) -> dict[str, jax.Array]:
-    """The layer's cache leaves [B, S, ...] (of a :class:`LayerCache`: its layer of the stack, with
-    a deferred write's pending token put in)."""
+    """The layer's cache leaves [B, S, ...] (of a :class:`LayerCache`: its layer of the stack, or of a
+    paged pool each sequence's pages, with a deferred write's pending token put in)."""
     if isinstance(cache, LayerCache):
-        rows = {name: jax.lax.dynamic_index_in_dim(buf, cache.index, 0, keepdims=False)
-                for name, buf in cache.layers.items()}
+        rows = cache.layer_pool()
+        if cache.page_table is not None:
+            rows = {name: paged_rows(pool, cache.page_table) for name, pool in rows.items()}
         if cache.pending is not None:
             rows = {name: _put_rows(buf, cache.pending[name], cache.start_B) for name, buf in rows.items()}
         return rows

@@ -96,17 +96,18 @@ def _positions_and_lengths(q_positions_BT: Optional[jax.Array], kv_lengths_B: Op
 def _blocked_attention(a_q_BTPH: Optional[jax.Array], b_q_BTPD: jax.Array, a_k_BSRH: jax.Array, b_k_BSRD: jax.Array,
                        a_v_BSUH: jax.Array, b_v_BSUE: jax.Array, q_positions_BT: jax.Array, kv_lengths_B: jax.Array,
                        *, coef: float, v_rank: int, block: int, with_lse: bool = False,
-                       scales: Optional[tuple] = None):
+                       scales: Optional[tuple] = None, pages: Optional[jax.Array] = None):
     """Algorithms 1/2 for one tile of T queries; ``coef`` = scale / (R_Q R_K).  Returns o [B, T, H, E] float32
     (and with ``with_lse`` the log-sum-exp of the logits, [B, T, H], -inf for a row that sees nothing).
 
     TPA-KVonly passes ``a_q_BTPH=None`` and its plain query [B, T, H, D] as ``b_q_BTPD``, with
     ``coef`` = scale / R_K.  ``scales``: an int8 cache's (see the module docstring), each block dequantised.
+    ``pages``: the factors are a paged pool [N, block, ...] and block i of row b is its page ``pages[b, i]``.
     """
     plain_q = a_q_BTPH is None
     batch, t = b_q_BTPD.shape[:2]
     h = a_k_BSRH.shape[-1]
-    s_len = a_k_BSRH.shape[1]
+    s_len = a_k_BSRH.shape[1] * (1 if pages is None else pages.shape[1])
     e = b_v_BSUE.shape[-1]
     if plain_q:
         q_BTHD = b_q_BTPD.astype(_F32) * coef
@@ -122,7 +123,8 @@ def _blocked_attention(a_q_BTPH: Optional[jax.Array], b_q_BTPD: jax.Array, a_k_B
         m_BHT, l_BHT, acc_BHTE = carry
         nominal = i * block
         start = jnp.minimum(nominal, s_len - block)  # clamped last block: no padded copy
-        take = lambda x: lax.dynamic_slice_in_dim(x, start, block, axis=1)
+        take = ((lambda x: lax.dynamic_slice_in_dim(x, start, block, axis=1)) if pages is None
+                else (lambda x: jnp.take(x, pages[:, i], axis=0, mode="clip")))
         a_k, b_k, a_v, b_v = _dequantized(take, (a_k_BSRH, b_k_BSRD, a_v_BSUH, b_v_BSUE), scales)
         key_positions_S = start + offsets_S
         new_S = key_positions_S >= nominal  # not already covered by the previous block
@@ -258,11 +260,12 @@ def _new_token_part(a_q_BPH: Optional[jax.Array], b_q_BPD: jax.Array, new_kv: tu
 
 def _decode(a_q_BPH: Optional[jax.Array], b_q_BPD: jax.Array, kv: tuple, lengths_B: jax.Array,
             new_kv: Optional[tuple], *, coef: float, v_rank: int, block_size: int, finite_rows: bool,
-            one_pass: Optional[bool], scales: Optional[tuple] = None) -> jax.Array:
+            one_pass: Optional[bool], scales: Optional[tuple] = None, pages: Optional[jax.Array] = None
+            ) -> jax.Array:
     """The two decode forms (query at ``lengths - 1``): o [B, H, E] float32.  With ``new_kv`` the cache
     holds the rows before the query's own token, whose factors come separately and join by
     log-sum-exp.  ``one_pass`` None: one pass on a CPU up to :data:`ONE_PASS_MAX_ROWS` rows, otherwise
-    the block loop."""
+    the block loop.  ``pages``: ``kv`` is a paged pool read by the block loop, one page per block."""
     s_len = kv[0].shape[1]
     kv_len_B = lengths_B - 1 if new_kv is not None else lengths_B
     if one_pass is None:
@@ -276,7 +279,7 @@ def _decode(a_q_BPH: Optional[jax.Array], b_q_BPD: jax.Array, kv: tuple, lengths
         a_q = None if a_q_BPH is None else a_q_BPH[:, None]
         o_BTHE, lse_BTH = _blocked_attention(a_q, b_q_BPD[:, None], *kv, (lengths_B - 1)[:, None], kv_len_B,
                                              coef=coef, v_rank=v_rank, block=max(1, min(block_size, s_len)),
-                                             with_lse=True, scales=scales)
+                                             with_lse=True, scales=scales, pages=pages)
         o_BHE, lse_BH = o_BTHE[:, 0], lse_BTH[:, 0]
     if new_kv is None:
         return o_BHE

@@ -34,7 +34,8 @@ from ..layers import cast, param, uniform_init
 from ..rope import Rope, apply_rope
 from . import flashtpa
 from .context import context_size, sharded_cache_attention, varying
-from .core import AttentionMask, CacheLeaf, output_params, project_out, read_cache, write_cache
+from .core import AttentionMask, CacheLeaf, LayerCache, output_params, project_out, read_cache, write_cache
+from .flashtpa_paged import flashtpa_decode_paged
 from .dispatch import attention_items
 from .kernels import flashtpa_decode_pallas
 from .quant import SCALE_SUFFIX, as_stored, dequantize, is_quantized, scale_name
@@ -81,6 +82,13 @@ class TPAttention(nn.Module):
             for n, r in ranks.items():
                 spec[f"c_{n}"] = CacheLeaf((r, cfg.tpa_c_dim), ("rank", "factor_dim"))
         return spec
+
+    @staticmethod
+    def reads_pages(cfg: ModelConfig) -> bool:
+        """Whether FlashTPA decoding reads a paged cache page by page: when every factor it uses is
+        stored as it is used (contextual A and B, second order, B_K and B_V apart).  The other variants
+        read each sequence's pages gathered into rows (``core.read_cache``)."""
+        return cfg.contextual_a and cfg.contextual_b and not cfg.shared_kv_b and cfg.tpa_order == 2
 
     def setup(self) -> None:
         cfg = self.cfg
@@ -233,13 +241,16 @@ class TPAttention(nn.Module):
 
     # ---------------------------------------------------------------- attention
     def flash_attention(self, x_BTM: jax.Array, rope: Rope, key_rope: Rope, cache: dict[str, jax.Array],
-                        start_B: jax.Array, new_items: Optional[dict[str, jax.Array]] = None) -> jax.Array:
+                        start_B: jax.Array, new_items: Optional[dict[str, jax.Array]] = None,
+                        page_table: Optional[jax.Array] = None) -> jax.Array:
         """Cached attention straight from the factor cache (FlashTPA): K and V are never formed.  The
         T new tokens (already written at rows ``start_B``) sit at positions ``start_B + 0..T-1`` and
         see the cache rows ``< start_B + T``.  One token: decoding (paper Alg. 2, or its Pallas
         kernel); several: the causal prefill of Alg. 1 over query tiles and key blocks.  ``new_items``
         (one-token FlashTPA decoding): the cache holds the rows before the token, whose own items
-        come separately (``core.LayerCache``: the cache is written after it is read)."""
+        come separately (``core.LayerCache``: the cache is written after it is read).  ``page_table``
+        (one-token decoding of a paged cache whose factors are stored as they are used, see
+        :meth:`reads_pages`): ``cache`` is the layer's page pool, read page by page."""
         cfg = self.cfg
         x_BTM = cast(x_BTM, cfg)
         batch, t = x_BTM.shape[:2]
@@ -280,7 +291,13 @@ class TPAttention(nn.Module):
             f_new = self.kv_factors(new_items, rope, batch, 1)
             kw["new_kv"] = tuple(f_new[n][:, 0] for n in ("a_k", "b_k", "a_v", "b_v"))
             kw["finite_rows"] = True  # the model's caches: zero-initialised, written only with its own factors
-        if plain_q:
+        if page_table is not None:
+            a_q_BPH = None if plain_q else self._a(x_BTM, "q")[:, 0]
+            b_q_BPD = self.query(x_BTM, rope)[:, 0] if plain_q else self._b(x_BTM, "q", rope)[:, 0]
+            o_BHE = flashtpa_decode_paged(a_q_BPH, b_q_BPD, *kv, page_table, lengths_B, q_rank=cfg.q_rank,
+                                          k_rank=cfg.k_rank, v_rank=cfg.v_rank, scale=cfg.attn_scale,
+                                          new_kv=kw.get("new_kv"), scales=kw.get("scales"))
+        elif plain_q:
             o_BHE = flashtpa.flashtpa_decode_plain_q(self.query(x_BTM, rope)[:, 0], *kv, lengths_B, **kw)
         else:
             a_q_BPH, b_q_BPD = self._a(x_BTM, "q")[:, 0], self._b(x_BTM, "q", rope)[:, 0]
@@ -301,9 +318,10 @@ class TPAttention(nn.Module):
         items = self.kv_items(x_BTM, rope)
         one_token = x_BTM.shape[1] == 1 and cfg.decode_impl == "flash" and context_size() == 1
         if cache is not None and one_token:  # Alg. 2: read the rows, then write the token (in place)
-            rows = read_cache(cache)
+            pages = cache.page_table if isinstance(cache, LayerCache) and self.reads_pages(cfg) else None
+            rows = read_cache(cache) if pages is None else cache.layer_pool()
             new = as_stored(items, rows, cfg.compute_dtype)  # as the cache will hold them
-            o_BTM = self.flash_attention(x_BTM, rope, key_rope, rows, start_B, new_items=new)
+            o_BTM = self.flash_attention(x_BTM, rope, key_rope, rows, start_B, new_items=new, page_table=pages)
             return o_BTM, write_cache(cache, items, start_B)
         if cache is not None:
             cache = write_cache(cache, items, start_B)
