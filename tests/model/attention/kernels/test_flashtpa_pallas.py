@@ -1,6 +1,6 @@
 """tpa_jax.model.attention.kernels.flashtpa_pallas: the Pallas FlashTPA decode kernel run by the
 Pallas interpreters (CPU) against float64 NumPy attention over the rebuilt Q, K, V and against the
-jnp FlashTPA; its grid and block shapes (TPU tiling, one cache block per program); the clamped
+jnp FlashTPA; its grid and block shapes (TPU tiling, one cache block per program); ``new_kv``; the clamped
 block index; one-line errors; and the config rules for decode_impl="pallas"."""
 import functools
 
@@ -14,6 +14,7 @@ from tpa_jax import ModelConfig
 from tpa_jax.model.attention.flashtpa import flashtpa_decode
 from tpa_jax.model.attention.kernels import flashtpa_decode_pallas
 from tpa_jax.model.attention.kernels.flashtpa_pallas import kv_block_index
+from tpa_jax.model.attention.quant import quantize
 
 from model_reference import tpa_attention
 
@@ -83,6 +84,29 @@ def test_garbage_past_length_is_ignored(fill):
     ref = _reference(a_q, b_q, *cache, lens, **kw)
     assert not np.any(ref[0]) and not np.any(np.asarray(o)[0])
     np.testing.assert_allclose(np.asarray(o), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("int8", [False, True])
+def test_new_kv_is_merged_into_the_softmax(int8):
+    """``new_kv``: the cache holds rows < lengths - 1 (NaN from there on), the token's own factors come
+    apart and seed the kernel's softmax state; equal to the jnp FlashTPA's log-sum-exp merge.  Length 1:
+    the new token alone; an int8 cache (NaN scales past the rows) too."""
+    ranks = (3, 2, 3, 7, 8, 6)
+    kw = _kw(3, 2, 3, 8)
+    a_q, b_q, *cache = _inputs(5, *ranks)
+    new = tuple(c[:, 0] * 0.5 for c in _inputs(6, *ranks)[2:])
+    lens = np.array([1, 10, S + 1])
+    held = (jnp.arange(S) < lens[:, None] - 1)[:, :, None]
+    scales = None
+    if int8:
+        quantised = [quantize(c) for c in cache]
+        cache, scales = [q for q, _ in quantised], tuple(jnp.where(held, sc, jnp.nan) for _, sc in quantised)
+    else:
+        cache = [jnp.where(held[..., None], c, jnp.nan) for c in cache]
+    o = flashtpa_decode_pallas(a_q, b_q, *cache, jnp.asarray(lens), block_size=8, new_kv=new, scales=scales, **kw)
+    ref = flashtpa_decode(a_q, b_q, *cache, jnp.asarray(lens), new_kv=new, scales=scales, **kw)
+    assert np.all(np.isfinite(np.asarray(ref)))
+    np.testing.assert_allclose(np.asarray(o), np.asarray(ref), rtol=1e-5, atol=1e-5)
 
 
 def test_kv_block_index_clamps_to_the_last_filled_block():

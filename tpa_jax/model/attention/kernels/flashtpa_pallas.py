@@ -34,6 +34,15 @@ accumulator is kept as [E, H] so that the [1, H] softmax statistics broadcast ov
 wrapper returns o [B, H, E].  Cache rows at or past ``lengths[b]`` (or past S in a partial last
 block) may hold anything, NaN included: their logits are masked and their value factors zeroed.
 
+With ``new_kv`` (the step's own token's factors, the cache holding only the rows before it) the
+softmax state starts from that token instead of empty: m = its logit, l = 1, acc = its value
+(:func:`new_token_seed`, computed outside the kernel) -- the log-sum-exp merge of the token with
+the cache, done by the online softmax itself.
+
+The kernel body, the query weights and the pallas_call (:func:`decode_call`) are shared with the
+paged-cache kernel (``flashtpa_paged_pallas``), which differs only in where a grid step's cache
+block comes from: the index maps get the scalar-prefetched arrays, here only the lengths.
+
 An int8 cache (``scales``: float32 [B, S, rank] per factor, ``tpa_jax.model.attention.quant``) adds
 one scale block [S, rank] per factor beside its int8 block; the kernel dequantises each block it
 reads (the scales repeated over the block's lanes by a 0/1 matmul [rank, rank n]).
@@ -49,7 +58,7 @@ would ask Pallas to lower the compiled kernel for CPU too, which it refuses.
 from __future__ import annotations
 
 import functools
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -106,11 +115,17 @@ def _spread(rank: int, n: int) -> jax.Array:
     return jnp.where((lane >= r * n) & (lane < (r + 1) * n), 1.0, 0.0).astype(_F32)
 
 
-def _kernel(lengths_ref: Ref, w1_ref: Ref, w2_ref: Ref, a_k_ref: Ref, b_k_ref: Ref, a_v_ref: Ref, b_v_ref: Ref,
-            *refs: Ref, block: int, heads: int, k_rank: int, v_rank: int, quantized: bool) -> None:
-    """Grid step (b, i).  Refs: lengths (SMEM, [B]); w1 [R D, R P], w2 [R P, R H]; one cache block
-    a_k [S, R H], b_k [S, R D], a_v [S, U H], b_v [S, U E] (``quantized``: int8, then their scale
-    blocks [S, R] and [S, U]); out o [E, H]; scratch m, l [1, H], acc [E, H]."""
+def _kernel(*refs: Ref, n_scalars: int, block: int, heads: int, k_rank: int, v_rank: int, quantized: bool,
+            seeded: bool) -> None:
+    """Grid step (b, i).  Refs, in order: ``n_scalars`` scalar-prefetched SMEM arrays, the first the
+    per-row filled lengths [B] (the others only steer the index maps); w1 [R D, R P], w2 [R P, R H];
+    ``seeded``: the new token's logit m0 [1, H] and value sum acc0 [E, H]; one cache block a_k [S, R H],
+    b_k [S, R D], a_v [S, U H], b_v [S, U E] (``quantized``: int8, then their scale blocks [S, R] and
+    [S, U]); out o [E, H]; scratch m, l [1, H], acc [E, H].  Row t of the block is cache row i S + t."""
+    lengths_ref, refs = refs[0], refs[n_scalars:]
+    (w1_ref, w2_ref), refs = refs[:2], refs[2:]
+    (m0_ref, acc0_ref), refs = (refs[:2], refs[2:]) if seeded else ((None, None), refs)
+    (a_k_ref, b_k_ref, a_v_ref, b_v_ref), refs = refs[:4], refs[4:]
     scale_refs, (o_ref, m_ref, l_ref, acc_ref) = (refs[:4], refs[4:]) if quantized else ((None,) * 4, refs)
     b, i = pl.program_id(0), pl.program_id(1)
     length = lengths_ref[b]
@@ -123,9 +138,14 @@ def _kernel(lengths_ref: Ref, w1_ref: Ref, w2_ref: Ref, a_k_ref: Ref, b_k_ref: R
 
     @pl.when(i == 0)
     def _init() -> None:
-        m_ref[...] = jnp.full(m_ref.shape, -jnp.inf, _F32)
-        l_ref[...] = jnp.zeros(l_ref.shape, _F32)
-        acc_ref[...] = jnp.zeros(acc_ref.shape, _F32)
+        if seeded:  # the new token's own key/value: one softmax term exp(m0 - m) of weight 1
+            m_ref[...] = m0_ref[...].astype(_F32)
+            l_ref[...] = jnp.ones(l_ref.shape, _F32)
+            acc_ref[...] = acc0_ref[...].astype(_F32)
+        else:
+            m_ref[...] = jnp.full(m_ref.shape, -jnp.inf, _F32)
+            l_ref[...] = jnp.zeros(l_ref.shape, _F32)
+            acc_ref[...] = jnp.zeros(acc_ref.shape, _F32)
 
     @pl.when(i * block < length)  # the block holds at least one filled row
     def _step() -> None:
@@ -174,74 +194,136 @@ def _block_rows(block_size: int, s_len: int) -> int:
     return block_size
 
 
-def _pallas_decode(a_q_BPH: jax.Array, b_q_BPD: jax.Array, a_k_BSRH: jax.Array, b_k_BSRD: jax.Array,
-                   a_v_BSUH: jax.Array, b_v_BSUE: jax.Array, lengths_B: jax.Array, *, coef: float, block: int,
-                   interpret: Any, scales: Optional[tuple] = None) -> jax.Array:
-    """The pallas_call: o [B, H, E] (``interpret``: False for Mosaic, else an interpreter; ``scales``:
-    an int8 cache's, each [B, S, rank])."""
+def query_weights(a_q_BPH: jax.Array, b_q_BPD: jax.Array, k_rank: int, coef: float) -> tuple[jax.Array, jax.Array]:
+    """The block-diagonal query factors of one decode step, rank-major like the cache lanes:
+    W1 = I_R (x) B_Q^T [B, R D, R P] and W2 = I_R (x) c A_Q [B, R P, R H] (c = ``coef``)."""
+    eye = jnp.eye(k_rank, dtype=_F32)
+    w1 = jax.vmap(lambda b_q_PD: jnp.kron(eye.astype(b_q_PD.dtype), b_q_PD.T))(b_q_BPD)
+    w2 = jax.vmap(lambda a_q_PH: jnp.kron(eye, a_q_PH.astype(_F32) * coef))(a_q_BPH)
+    return w1, w2
+
+
+def new_token_seed(a_q_BPH: jax.Array, b_q_BPD: jax.Array, new_kv: tuple, coef: float) -> tuple[jax.Array, ...]:
+    """The softmax state a decode step starts from when its own token comes apart from the cache
+    (``new_kv``: a_k [B, R, H], b_k [B, R, D], a_v [B, U, H], b_v [B, U, E]): the token's logit
+    m0 [B, 1, H] (running max m0, running sum 1) and its value summed over the value ranks,
+    acc0 [B, E, H] -- the log-sum-exp merge of the token with the cache, done by the kernel's own
+    online softmax."""
+    a_k, b_k, a_v, b_v = (x.astype(_F32) for x in new_kv)
+    feat_BPR = jnp.einsum("bpd,brd->bpr", b_q_BPD.astype(_F32), b_k, precision=_HI)
+    logit_BH = jnp.einsum("bpr,bph,brh->bh", feat_BPR, a_q_BPH.astype(_F32) * coef, a_k, precision=_HI)
+    return logit_BH[:, None, :], jnp.einsum("buh,bue->beh", a_v, b_v, precision=_HI)
+
+
+def lane_view(x: jax.Array) -> jax.Array:
+    """A factor [X, rows, rank, n] as [X, rows, rank n] (a free reshape: (rank, n) in lanes)."""
+    return x.reshape(*x.shape[:2], -1)
+
+
+def decode_call(scalars: tuple, a_q_BPH: jax.Array, b_q_BPD: jax.Array, cache: list, *, coef: float, k_rank: int,
+                v_rank: int, block: int, steps: int, cache_index: Callable, new_kv: Optional[tuple],
+                quantized: bool, out_dtype: Any, interpret: Any, name: str) -> jax.Array:
+    """The pallas_call both decode kernels make: grid (B, ``steps``), o [B, H, E].
+
+    ``scalars``: the scalar-prefetched int32 arrays, the first the filled cache rows per sequence [B];
+    ``cache``: the four lane-viewed factors (then, ``quantized``, their four scale arrays), each
+    [X, rows, width] and read ``block`` rows at a time from block ``(*cache_index(b, i, *scalars), 0)``
+    (``cache_index`` gets the scalars' SMEM refs); ``new_kv``: the step's own token, merged by the
+    kernel (:func:`new_token_seed`); ``interpret``: False for Mosaic, else an interpreter."""
     batch, p, h = a_q_BPH.shape
     d = b_q_BPD.shape[-1]
-    s_len, r = a_k_BSRH.shape[1:3]
-    u, e = a_v_BSUH.shape[2], b_v_BSUE.shape[-1]
-    # block-diagonal query factors: [B, R D, R P] and [B, R P, R H] (rank-major like the lanes below)
-    w1 = jax.vmap(lambda b_q_PD: jnp.kron(jnp.eye(r, dtype=b_q_PD.dtype), b_q_PD.T))(b_q_BPD)
-    w2 = jax.vmap(lambda a_q_PH: jnp.kron(jnp.eye(r, dtype=_F32), a_q_PH.astype(_F32) * coef))(a_q_BPH)
-    # free views of the cache with (rank, head|feature) in lanes: [B, S, R H], [B, S, R D], [B, S, U H], [B, S, U E]
-    lanes = lambda x: x.reshape(batch, s_len, -1)  # noqa: E731
-    cache = [lanes(a_k_BSRH), lanes(b_k_BSRD), lanes(a_v_BSUH), lanes(b_v_BSUE)] + list(scales or ())
+    r, u = k_rank, v_rank
+    e = cache[3].shape[-1] // u
+    w1, w2 = query_weights(a_q_BPH, b_q_BPD, r, coef)
+    seed = [] if new_kv is None else list(new_token_seed(a_q_BPH, b_q_BPD, new_kv, coef))
     sq = pl.squeezed
-    per_row = lambda shape: pl.BlockSpec((sq, *shape), lambda b_, i_, lens: (b_, 0, 0))  # noqa: E731
+    per_row = lambda shape: pl.BlockSpec((sq, *shape), lambda b_, i_, *_: (b_, 0, 0))  # noqa: E731
     cache_block = lambda width: pl.BlockSpec(  # noqa: E731
-        (sq, block, width), lambda b_, i_, lens: (b_, kv_block_index(i_, lens[b_], block), 0))
+        (sq, block, width), lambda b_, i_, *refs: (*cache_index(b_, i_, *refs), 0))
     grid_spec = pltpu.PrefetchScalarGridSpec(
-        num_scalar_prefetch=1,
-        grid=(batch, pl.cdiv(s_len, block)),
-        in_specs=[per_row((r * d, r * p)), per_row((r * p, r * h)),
+        num_scalar_prefetch=len(scalars),
+        grid=(batch, steps),
+        in_specs=[per_row((r * d, r * p)), per_row((r * p, r * h)), *(per_row(x.shape[1:]) for x in seed),
                   *(cache_block(c.shape[-1]) for c in cache)],
         out_specs=per_row((e, h)),
         scratch_shapes=[pltpu.VMEM((1, h), _F32), pltpu.VMEM((1, h), _F32), pltpu.VMEM((e, h), _F32)],
     )
-    kernel = functools.partial(_kernel, block=block, heads=h, k_rank=r, v_rank=u, quantized=scales is not None)
+    kernel = functools.partial(_kernel, n_scalars=len(scalars), block=block, heads=h, k_rank=r, v_rank=u,
+                               quantized=quantized, seeded=new_kv is not None)
     o_BEH = pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct((batch, e, h), flashtpa._out_dtype(a_v_BSUH, b_v_BSUE)),
+        out_shape=jax.ShapeDtypeStruct((batch, e, h), out_dtype),
         grid_spec=grid_spec,
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
         interpret=interpret,
-        name="flashtpa_decode",
-    )(lengths_B, w1, w2, *cache)
+        name=name,
+    )(*scalars, w1, w2, *seed, *cache)
     return o_BEH.swapaxes(1, 2)
+
+
+def check_factors(a_q_BPH: jax.Array, kv: tuple, new_kv: Optional[tuple], q_rank: int, k_rank: int,
+                  v_rank: int) -> None:
+    """One-line errors for factor ranks or head counts that disagree (cache factors [X, rows, rank, n])."""
+    p, h = a_q_BPH.shape[1:]
+    r, u = kv[0].shape[2], kv[2].shape[2]
+    if p != q_rank or r != k_rank or u != v_rank:
+        raise ValueError(f"factor ranks {(p, r, u)} do not match q_rank/k_rank/v_rank {(q_rank, k_rank, v_rank)}")
+    if kv[0].shape[-1] != h or kv[2].shape[-1] != h:
+        raise ValueError(f"head counts differ: a_q {h}, a_k {kv[0].shape[-1]}, a_v {kv[2].shape[-1]}")
+    if new_kv is not None and len(new_kv) != 4:
+        raise ValueError(f"new_kv must be the token's (a_k, b_k, a_v, b_v), got {len(new_kv)} arrays")
+
+
+def float_scales(kv: tuple, scales: Optional[tuple]) -> Optional[tuple]:
+    """An int8 cache's scales with a float factor's None replaced by ones (scale 1) of the factor's
+    shape without its last two axes; None for a float cache."""
+    if scales is None:
+        return None
+    return tuple(jnp.ones(x.shape[:3], _F32) if sc is None else sc for x, sc in zip(kv, scales))
+
+
+def by_platform(call: Callable, fallback: Callable, args: tuple, interpret: Any) -> jax.Array:
+    """``call(*args, interpret=...)`` with the ``interpret`` rule of the module docstring: None picks
+    by the platform lowered for (Mosaic on TPU, the interpreter on CPU, ``fallback(*args)`` elsewhere)."""
+    if interpret is not None:
+        return call(*args, interpret=interpret)
+    return lax.platform_dependent(*args, cpu=functools.partial(call, interpret=True),
+                                  tpu=functools.partial(call, interpret=False), default=fallback)
 
 
 @functools.partial(jax.jit, static_argnames=("q_rank", "k_rank", "v_rank", "scale", "block_size", "interpret"))
 def flashtpa_decode_pallas(a_q_BPH: jax.Array, b_q_BPD: jax.Array, a_k_BSRH: jax.Array, b_k_BSRD: jax.Array,
                            a_v_BSUH: jax.Array, b_v_BSUE: jax.Array, lengths_B: jax.Array, *, q_rank: int,
                            k_rank: int, v_rank: int, scale: float, block_size: int = 256,
-                           interpret: Optional[Any] = None, scales: Optional[tuple] = None) -> jax.Array:
+                           interpret: Optional[Any] = None, scales: Optional[tuple] = None,
+                           new_kv: Optional[tuple] = None) -> jax.Array:
     """Pallas FlashTPA decode -> o [B, H, E] (see the module docstring).
 
     ``scales``: an int8 cache's (a_k, b_k, a_v, b_v scales [B, S, rank], None for a float factor).
+    ``new_kv``: the current token's (a_k [B, R, H], b_k [B, R, D], a_v [B, U, H], b_v [B, U, E]);
+    the cache then holds only the rows before it (rows < lengths - 1), as in ``flashtpa_decode``.
 
     ``block_size``: cache rows per grid step (a multiple of 8, or >= S for one block).
     ``interpret``: None picks by lowering platform (TPU kernel / CPU interpreter / jnp FlashTPA
     elsewhere); False forces the compiled kernel; True or ``pltpu.InterpretParams`` an interpreter.
     """
-    batch, p, h = a_q_BPH.shape
-    s_len, r = a_k_BSRH.shape[1], a_k_BSRH.shape[2]
-    u = a_v_BSUH.shape[2]
-    if p != q_rank or r != k_rank or u != v_rank:
-        raise ValueError(f"factor ranks {(p, r, u)} do not match q_rank/k_rank/v_rank {(q_rank, k_rank, v_rank)}")
-    if a_k_BSRH.shape[-1] != h or a_v_BSUH.shape[-1] != h:
-        raise ValueError(f"head counts differ: a_q {h}, a_k {a_k_BSRH.shape[-1]}, a_v {a_v_BSUH.shape[-1]}")
+    kv = (a_k_BSRH, b_k_BSRD, a_v_BSUH, b_v_BSUE)
+    check_factors(a_q_BPH, kv, new_kv, q_rank, k_rank, v_rank)
+    batch, s_len = a_q_BPH.shape[0], a_k_BSRH.shape[1]
     block = _block_rows(block_size, s_len)
-    lengths_B = jnp.clip(jnp.asarray(lengths_B, jnp.int32).reshape(batch), 0, s_len)
-    args = (a_q_BPH, b_q_BPD, a_k_BSRH, b_k_BSRD, a_v_BSUH, b_v_BSUE, lengths_B)
-    if scales is not None:  # a float factor beside int8 ones: scale 1
-        scales = tuple(jnp.ones(x.shape[:3], _F32) if sc is None else sc for x, sc in zip(args[2:6], scales))
-    call = functools.partial(_pallas_decode, coef=scale / (q_rank * k_rank), block=block, scales=scales)
-    if interpret is not None:
-        return call(*args, interpret=interpret)
+    seeded = new_kv is not None
+    lengths_B = jnp.clip(jnp.asarray(lengths_B, jnp.int32).reshape(batch), 0, s_len + seeded)
+    scales = float_scales(kv, scales)
+
+    def call(a_q_BPH: jax.Array, b_q_BPD: jax.Array, *kv_and_lengths: jax.Array, interpret: Any) -> jax.Array:
+        *kv, lengths = kv_and_lengths
+        return decode_call(
+            (jnp.maximum(lengths - seeded, 0),), a_q_BPH, b_q_BPD, [lane_view(x) for x in (*kv, *(scales or ()))],
+            coef=scale / (q_rank * k_rank), k_rank=k_rank, v_rank=v_rank, block=block, steps=pl.cdiv(s_len, block),
+            cache_index=lambda b_, i_, lens: (b_, kv_block_index(i_, lens[b_], block)), new_kv=new_kv,
+            quantized=scales is not None, out_dtype=flashtpa._out_dtype(a_v_BSUH, b_v_BSUE), interpret=interpret,
+            name="flashtpa_decode")
+
     fallback = functools.partial(flashtpa.flashtpa_decode, q_rank=q_rank, k_rank=k_rank, v_rank=v_rank, scale=scale,
-                                 block_size=block_size, scales=scales)
-    return lax.platform_dependent(*args, cpu=functools.partial(call, interpret=True),
-                                  tpu=functools.partial(call, interpret=False), default=fallback)
+                                 block_size=block_size, scales=scales, new_kv=new_kv)
+    return by_platform(call, fallback, (a_q_BPH, b_q_BPD, *kv, lengths_B), interpret)
