@@ -24,6 +24,7 @@ import orbax.checkpoint as ocp
 
 from .config import ModelConfig, TrainConfig
 from .data.tokenizers import Tokenizer, load_tokenizer
+from .inference.engine import Engine
 from .inference.generate import Generation, generate, length_bucket
 from .model import Transformer, abstract_params, logits_fn, model_of
 from .train.checkpoint import CheckpointError, manager, restore_newest, verify
@@ -86,6 +87,17 @@ class Run:
                 row = row[:-1]
             texts.append(self.decode(row))
         return texts[0] if single else texts
+
+    def engine(self, *, max_batch: int = 8, page_size: int = 16, num_pages: Optional[int] = None,
+               **kwargs: Any) -> "Engine":
+        """A continuous-batching :class:`tpa_jax.inference.Engine` serving this model (``num_pages``
+        default: room for every slot at ``max_len``); ``kwargs``: ``cache_dtype``, ``max_len``,
+        ``prefill_chunk``.  Submit token ids (``encode``), read ids back (``decode``)."""
+        max_len = kwargs.get("max_len") or self.config.max_seq_len
+        if num_pages is None:
+            num_pages = max_batch * -(-max_len // page_size) if isinstance(page_size, int) and page_size > 0 else 1
+        return Engine(self.params, self.config, max_batch=max_batch, page_size=page_size, num_pages=num_pages,
+                      **kwargs)
 
     def logits(self, tokens: Any) -> np.ndarray:
         """Full-forward float32 logits [B, T, vocab] (numpy) of int tokens [B, T] (or one sequence [T]).

@@ -149,14 +149,20 @@ def sample_logits(logits_BV: jax.Array, key: jax.Array, *, temperature: Union[fl
         kth = lax.top_k(logits, top_k)[0][:, -1:]
         logits = jnp.where(logits < kth, neg, logits)
     if top_p is not None:
-        order = jnp.argsort(-logits, axis=-1)
-        sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
-        probs = jax.nn.softmax(sorted_logits, axis=-1)
-        before = jnp.cumsum(probs, axis=-1) - probs  # probability mass strictly above each token
-        keep_sorted = before < top_p  # the most likely token is always kept
-        keep = jnp.zeros_like(keep_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(keep_sorted)
-        logits = jnp.where(keep, logits, neg)
+        logits = nucleus(logits, top_p)
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+def nucleus(logits_BV: jax.Array, top_p: Union[float, jax.Array]) -> jax.Array:
+    """float32 logits [B, V] with every token outside the smallest set whose probability reaches
+    ``top_p`` set to the float32 minimum (the most likely token is always kept)."""
+    order = jnp.argsort(-logits_BV, axis=-1)
+    sorted_logits = jnp.take_along_axis(logits_BV, order, axis=-1)
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs  # probability mass strictly above each token
+    keep_sorted = before < top_p
+    keep = jnp.zeros_like(keep_sorted).at[jnp.arange(logits_BV.shape[0])[:, None], order].set(keep_sorted)
+    return jnp.where(keep, logits_BV, jnp.finfo(jnp.float32).min)
 
 
 def _generate_impl(params, prompts, prompt_lengths, cache, key, temperature, top_p, stop_tokens, max_new_tokens, *,

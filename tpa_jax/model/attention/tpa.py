@@ -37,7 +37,7 @@ from .context import context_size, sharded_cache_attention, varying
 from .core import AttentionMask, CacheLeaf, LayerCache, output_params, project_out, read_cache, write_cache
 from .flashtpa_paged import flashtpa_decode_paged
 from .dispatch import attention_items
-from .kernels import flashtpa_decode_pallas
+from .kernels import flashtpa_decode_paged_pallas, flashtpa_decode_pallas
 from .quant import SCALE_SUFFIX, as_stored, dequantize, is_quantized, scale_name
 
 RANK_LETTER = {"q": "p", "k": "r", "v": "u"}  # P = R_Q, R = R_K, U = R_V
@@ -294,14 +294,16 @@ class TPAttention(nn.Module):
         if page_table is not None:
             a_q_BPH = None if plain_q else self._a(x_BTM, "q")[:, 0]
             b_q_BPD = self.query(x_BTM, rope)[:, 0] if plain_q else self._b(x_BTM, "q", rope)[:, 0]
-            o_BHE = flashtpa_decode_paged(a_q_BPH, b_q_BPD, *kv, page_table, lengths_B, q_rank=cfg.q_rank,
-                                          k_rank=cfg.k_rank, v_rank=cfg.v_rank, scale=cfg.attn_scale,
-                                          new_kv=kw.get("new_kv"), scales=kw.get("scales"))
+            paged = (flashtpa_decode_paged_pallas if cfg.decode_impl == "pallas" and not plain_q
+                     else flashtpa_decode_paged)  # Pallas: the page table scalar-prefetched
+            o_BHE = paged(a_q_BPH, b_q_BPD, *kv, page_table, lengths_B, q_rank=cfg.q_rank, k_rank=cfg.k_rank,
+                          v_rank=cfg.v_rank, scale=cfg.attn_scale, new_kv=kw.get("new_kv"), scales=kw.get("scales"))
         elif plain_q:
             o_BHE = flashtpa.flashtpa_decode_plain_q(self.query(x_BTM, rope)[:, 0], *kv, lengths_B, **kw)
         else:
             a_q_BPH, b_q_BPD = self._a(x_BTM, "q")[:, 0], self._b(x_BTM, "q", rope)[:, 0]
             if cfg.decode_impl == "pallas":  # Mosaic on TPU, the interpreter on CPU, jnp FlashTPA elsewhere
+                kw.pop("finite_rows", None)  # the kernel masks every row past a length itself
                 o_BHE = flashtpa_decode_pallas(a_q_BPH, b_q_BPD, *kv, lengths_B, q_rank=cfg.q_rank, **kw)
             else:
                 o_BHE = flashtpa.flashtpa_decode(a_q_BPH, b_q_BPD, *kv, lengths_B, q_rank=cfg.q_rank, **kw)
@@ -316,7 +318,7 @@ class TPAttention(nn.Module):
         Returns (out [B, T, M], cache)."""
         cfg = self.cfg
         items = self.kv_items(x_BTM, rope)
-        one_token = x_BTM.shape[1] == 1 and cfg.decode_impl == "flash" and context_size() == 1
+        one_token = x_BTM.shape[1] == 1 and cfg.decode_impl in ("flash", "pallas") and context_size() == 1
         if cache is not None and one_token:  # Alg. 2: read the rows, then write the token (in place)
             pages = cache.page_table if isinstance(cache, LayerCache) and self.reads_pages(cfg) else None
             rows = read_cache(cache) if pages is None else cache.layer_pool()
