@@ -1,7 +1,8 @@
 """Quality of the int8 decode cache on trained models: teacher-forced decoding through a float32
 cache scores the validation split exactly as the plain forward does (``perplexity``, an independent
 path), and through an int8 cache its perplexity stays within 0.5% of the float cache's -- for the
-trained T6 (the reference run) and a trained MLA baseline (one scale per token for all of c_KV)."""
+trained T6 (the reference run) and a trained MLA baseline (one scale per token for all of c_KV).  The
+trained run also serves requests through ``load(dir).engine(...)``."""
 import json
 
 import jax
@@ -61,3 +62,18 @@ def test_eval_cli_cache_quality(straight, tmp_path, capsys):
     assert main(["cache-quality", "--checkpoint", str(straight[0]), "--cache-dtype", "float32", "int4"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: cache dtype 'int4'") and "\n" not in err
+
+
+def test_a_loaded_run_serves_through_an_engine(straight):
+    """``tpa_jax.load(dir).engine(...)``: the trained T6 (params sharded over 8 devices) served with an
+    int8 paged cache gives each request what ``generate`` gives it alone."""
+    run = tpa_jax.load(straight[0])
+    eng = run.engine(max_batch=2, page_size=8, cache_dtype="int8", max_len=64, prefill_chunk=16)
+    assert eng.num_pages == 2 * 8 and eng.cache_dtype == np.int8
+    prompts = [run.encode(t) for t in ("def main(", "import numpy as np\n", "return")]
+    ids = [eng.submit(p, 12) for p in prompts]
+    out = eng.run_until_done()
+    for rid, p in zip(ids, prompts):
+        g = tpa_jax.generate(run.params, run.config, [p], 12, cache_dtype="int8")
+        assert out[rid] == g.tokens[0, : g.lengths[0]].tolist()
+    assert run.decode(out[ids[0]])
