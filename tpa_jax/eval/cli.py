@@ -6,6 +6,7 @@
     python eval.py cache-quality --checkpoint runs/t6-tiny  # the same through float32 and int8 decode caches
     python eval.py generate --checkpoint runs/t6-tiny --prompt "def "
     python eval.py decode-bench --max-log2 15               # per-token decode time (paper Fig. 5)
+    python eval.py serve-bench --smoke                      # continuous batching and concurrency at a budget
 
 Each sub-command is registered by an ``_add_<name>(subparsers)`` function that sets its handler
 with ``set_defaults(func=...)``; a handler takes the parsed arguments and returns the exit code.
@@ -326,6 +327,27 @@ def _run_decode_bench(args) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------ serve-bench
+def _add_serve_bench(sub) -> None:
+    from .serve_report import add_serve_bench_arguments
+
+    p = sub.add_parser("serve-bench", help="continuous batching vs padded generate; concurrency at a memory budget",
+                       description="Serves ragged requests through the paged engine and through padded generate "
+                                   "batches (tokens/s, token latency), and counts the requests each mechanism's "
+                                   "cache fits in memory budgets (the options of bench/serve.py).")
+    add_serve_bench_arguments(p, os.path.join("runs", "serve_bench"))
+    p.set_defaults(func=_run_serve_bench)
+
+
+def _run_serve_bench(args) -> int:
+    from .serve_report import format_summary, run_serve_bench_args, write_serve_bench
+
+    result = run_serve_bench_args(args)
+    print(format_summary(result))
+    print("\nwrote {} and {}".format(*write_serve_bench(result, args.out)))
+    return 0
+
+
 # ------------------------------------------------------------------------------------ main
 def build_parser() -> argparse.ArgumentParser:
     script = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0].endswith(".py") else ""
@@ -337,6 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_cache_quality(sub)
     _add_generate(sub)
     _add_decode_bench(sub)
+    _add_serve_bench(sub)
     return parser
 
 
