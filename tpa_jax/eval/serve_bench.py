@@ -24,6 +24,7 @@ request finished is checked against ``max_concurrent`` of the same budget and re
 """
 from __future__ import annotations
 
+import sys
 import time
 from typing import Any, Optional, Sequence
 
@@ -291,12 +292,11 @@ def run_serve_bench(*, mechanisms: Sequence[str] = MECHANISMS, cache_dtypes: Seq
                              greedy_matching_requests=sum(a == b for a, b in zip(e_out, p_out)),
                              engine=eng, padded=pad, speedup=eng["tokens_per_s"] / pad["tokens_per_s"]))
             if progress:
-                import sys
-
                 print(f"serve-bench {m}/{d}: engine {eng['tokens_per_s']:.1f} tok/s, padded "
                       f"{pad['tokens_per_s']:.1f} tok/s, running {predicted} (pool {num_pages} pages)",
                       file=sys.stderr, flush=True)
-    return _result(locals(), conc, runs, workload, need)
+    settings = dict(locals())
+    return _result(settings, conc, runs, workload, need)
 
 
 def _result(kw: dict, conc: dict, runs: list, workload: list, need: list) -> dict:
