@@ -108,6 +108,10 @@ def write_serve_bench(result: dict, out: str) -> tuple[str, str]:
     return json_path, plot(result, os.path.join(out, "serve_bench.png"))
 
 
+def _ms(seconds: Optional[float]) -> str:
+    return "-" if seconds is None else f"{1e3 * seconds:.1f}"
+
+
 def format_summary(result: dict) -> str:
     """The headline ratios (with their goals) and one line per timed run."""
     lines = [f"concurrency at {result['ratio_budget_gib']:g} GiB, {result['concurrency']['size']} configs, "
@@ -120,7 +124,7 @@ def format_summary(result: dict) -> str:
     for r in result["runs"]:
         e, p = r["engine"], r["padded"]
         lines.append(f"{r['mechanism']}/{r['cache_dtype']}: engine {e['tokens_per_s']:.1f} tok/s (p50 gap "
-                     f"{1e3 * e['token_gap']['p50_s']:.1f} ms, p99 {1e3 * e['token_gap']['p99_s']:.1f} ms), padded "
+                     f"{_ms(e['token_gap']['p50_s'])} ms, p99 {_ms(e['token_gap']['p99_s'])} ms), padded "
                      f"{p['tokens_per_s']:.1f} tok/s, x{r['speedup']:.2f}; {r['max_concurrent']} running in "
                      f"{r['num_pages']} pages")
     return "\n".join(lines)
