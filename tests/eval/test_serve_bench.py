@@ -24,15 +24,10 @@ SMALL_BYTES = {("tpa", "bfloat16"): 2 * 2 * (34 + 64) * 2, ("tpa", "int8"): 2 * 
                ("gqa", "bfloat16"): 2 * 2 * 64 * 2, ("gqa", "int8"): 2 * 2 * 64 + 2 * 2 * 4,
                ("mla", "bfloat16"): (256 + 32) * 2, ("mla", "int8"): 256 + 32 + 2 * 4}
 SMOKE_ARGS = ["serve-bench", "--smoke", "--quiet"]
-try:  # the serving engine lands separately; until then the timed smoke run is skipped
-    from tpa_jax.inference import Engine  # noqa: F401
-    needs_engine = pytest.mark.skipif(False, reason="")
-except ImportError:
-    needs_engine = pytest.mark.skip(reason="tpa_jax.inference.Engine is not in this tree yet")
 
 
 def fcfs(budget, bytes_per_token, n_layer, page_size, tokens, max_batch=None):
-    """How many requests are admitted, in order, before the first that does not fit."""
+    """How many requests (cache rows each) are admitted, in order, before the first that does not fit."""
     pages = budget // (bytes_per_token * n_layer * page_size)
     held = n = 0
     for t in tokens:
@@ -57,7 +52,8 @@ def test_workload_is_seeded_and_ragged():
 
 
 def test_concurrency_matches_an_independent_count():
-    tokens = sum(request_lengths(20_000, (8, 96), (4, 64), 0)).tolist()
+    prompts, outputs = request_lengths(20_000, (8, 96), (4, 64), 0)
+    tokens = (prompts + outputs - 1).tolist()  # cache rows: the last new token is never written back
     budgets = [GIB // 4, GIB, 3 * GIB]
     res = concurrency("small", budgets, 16, tokens)
     assert len(res["entries"]) == 4 * 2 * 3 and res["configs"]["tpa"] == "t6-small"
@@ -86,8 +82,8 @@ def test_concurrency_only_run_and_figure(tmp_path, capsys):
     assert r["ratios"]["tpa_int8/mha_bf16"] == top["tpa_int8/mha_bf16"] and r["ratios"]["engine/padded"] == {}
     goal = r["goals"]["tpa_int8/mha_bf16"]
     assert goal["goal"] == 7 and goal["met"] == (goal["value"] >= 7)
-    tokens = sum(request_lengths(SMOKE["concurrency_requests"], SMOKE["prompt_range"], SMOKE["output_range"],
-                                 0)).tolist()
+    prompts, outputs = request_lengths(SMOKE["concurrency_requests"], SMOKE["prompt_range"], SMOKE["output_range"], 0)
+    tokens = (prompts + outputs - 1).tolist()
     for e in r["concurrency"]["entries"]:
         bpt = SMALL_BYTES[(e["mechanism"], e["cache_dtype"])]
         assert e["max_concurrent"] == fcfs(e["budget_bytes"], bpt, 12, SMOKE["page_size"], tokens)
@@ -123,7 +119,6 @@ def smoke(tmp_path_factory):
     return out, json.loads((out / "serve_bench.json").read_text())
 
 
-@needs_engine
 def test_smoke_runs_every_mechanism_and_dtype(smoke):
     out, r = smoke
     assert r["benchmark"] == "serving" and r["config"]["backend"] == "cpu"
@@ -150,7 +145,6 @@ def test_smoke_runs_every_mechanism_and_dtype(smoke):
     _check_png(out / "serve_bench.png")
 
 
-@needs_engine
 def test_smoke_goals_are_the_ratios(smoke):
     _, r = smoke
     assert set(r["goals"]) == {"tpa_bf16/mha_bf16", "tpa_int8/mha_bf16", "engine/padded"}
@@ -159,7 +153,6 @@ def test_smoke_goals_are_the_ratios(smoke):
         assert math.isfinite(g["value"]) and g["met"] == (g["value"] >= g["goal"])
 
 
-@needs_engine
 @pytest.mark.slow
 def test_bench_script_prints_one_json_object(tmp_path):
     env = dict(os.environ, JAX_PLATFORMS="cpu")

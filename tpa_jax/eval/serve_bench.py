@@ -12,8 +12,9 @@ Pure functions behind ``python eval.py serve-bench`` and ``bench/serve.py``
   ``max_batch``, each padded to its longest prompt and run to its largest ``max_new_tokens``;
   tokens/s counts only the tokens the requests asked for;
 * :func:`concurrency` -- the most requests that run at once in a pool of each budget
-  (``paged.max_concurrent``: first come first served, each request reserving pages for prompt +
-  new tokens), for the paper's configs of one size, so the ratios reflect the real cache sizes;
+  (``paged.max_concurrent``: first come first served, each request reserving pages for its
+  :func:`cache_rows`, prompt + new tokens - 1, as the engine does), for the paper's configs of one
+  size, so the ratios reflect the real cache sizes;
 * :func:`run_serve_bench` -- all of it for every mechanism and cache dtype, as one JSON-ready dict.
 
 Timing excludes compilation: each engine first serves a short warm-up request of the same shapes,
@@ -38,7 +39,7 @@ from .bench_timing import environment
 from .bench_weights import bench_params
 from .decode_bench import model_config
 
-__all__ = ["MECHANISMS", "CACHE_DTYPES", "GOALS", "GIB", "make_workload", "request_lengths", "run_engine",
+__all__ = ["MECHANISMS", "CACHE_DTYPES", "GOALS", "GIB", "make_workload", "request_lengths", "cache_rows", "run_engine",
            "run_padded", "concurrency", "run_serve_bench"]
 
 MECHANISMS = ("tpa", "mha", "gqa", "mla")
@@ -89,6 +90,12 @@ def make_workload(n: int, prompt_range: Sequence[int], output_range: Sequence[in
 
 def _tokens(workload: list[dict]) -> list[int]:
     return [len(r["prompt"]) + r["max_new_tokens"] for r in workload]
+
+
+def cache_rows(prompt_tokens, new_tokens):
+    """Cache rows a request fills, what the engine reserves pages for: its prompt and all but the
+    last new token (the last one is returned, never written back)."""
+    return prompt_tokens + new_tokens - 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -198,8 +205,8 @@ def run_padded(params, cfg, workload: list[dict], *, max_batch: int, cache_dtype
 # concurrency at a memory budget
 def concurrency(size: str, budgets_bytes: Sequence[int], page_size: int, request_tokens: Sequence[int], *,
                 mechanisms: Sequence[str] = MECHANISMS, cache_dtypes: Sequence[str] = CACHE_DTYPES) -> dict:
-    """``max_concurrent`` of ``request_tokens`` for each mechanism's ``<prefix>-<size>`` config, cache
-    dtype and budget, with the TPA / MHA ratios at every budget (``saturated``: every request fit,
+    """``max_concurrent`` of ``request_tokens`` (cache rows per request) for each mechanism's
+    ``<prefix>-<size>`` config, cache dtype and budget, with the TPA / MHA ratios at every budget (``saturated``: every request fit,
     so the figure is a lower bound)."""
     names = {m: f"{CONFIG_PREFIX[m]}-{size}" for m in mechanisms}
     entries = []
@@ -258,9 +265,9 @@ def run_serve_bench(*, mechanisms: Sequence[str] = MECHANISMS, cache_dtypes: Seq
         raise ValueError(f"budgets_gib: expected numbers > 0, got {list(budgets_gib)}")
     configs.get(f"t6-{concurrency_size}")  # an unknown size fails here
     workload = make_workload(requests, prompt_range, output_range, VOCAB, seed)
-    need = _tokens(workload)
+    need = [cache_rows(len(r["prompt"]), r["max_new_tokens"]) for r in workload]
     cfgs = {m: model_config(m, d_model, head_dim=head_dim, n_layer=n_layer, dtype=dtype,
-                            max_seq_len=length_bucket(max(need), CACHE_BUCKET), tpa_ranks=tpa_ranks,
+                            max_seq_len=length_bucket(max(need) + 1, CACHE_BUCKET), tpa_ranks=tpa_ranks,
                             gqa_groups=gqa_groups, vocab_size=VOCAB) for m in mechanisms}
     mean_pages = pages_for(int(np.ceil(np.mean(need))), page_size)
     if run_budget_bytes is None:
@@ -270,9 +277,9 @@ def run_serve_bench(*, mechanisms: Sequence[str] = MECHANISMS, cache_dtypes: Seq
             pages = run_budget_bytes // page_bytes(c, page_size, d)
             if pages < pages_for(max(need), page_size):
                 raise ValueError(f"run_budget_bytes={run_budget_bytes}: {pages} pages of {m}/{d} cannot hold the "
-                                 f"longest request ({max(need)} tokens)")
+                                 f"longest request ({max(need)} cache rows)")
     budgets = [int(b * GIB) for b in budgets_gib]
-    lengths = sum(request_lengths(concurrency_requests, prompt_range, output_range, seed))
+    lengths = cache_rows(*request_lengths(concurrency_requests, prompt_range, output_range, seed))
     conc = concurrency(concurrency_size, budgets, page_size, lengths.tolist(), mechanisms=mechanisms,
                        cache_dtypes=cache_dtypes)
     runs = []
@@ -317,6 +324,6 @@ def _result(kw: dict, conc: dict, runs: list, workload: list, need: list) -> dic
     config = {k: list(kw[k]) if isinstance(kw[k], tuple) else kw[k] for k in names}
     config.update(environment())
     work = dict(requests=len(workload), prompt_tokens=sum(len(r["prompt"]) for r in workload),
-                generated_tokens=sum(r["max_new_tokens"] for r in workload), request_tokens_max=max(need))
+                generated_tokens=sum(r["max_new_tokens"] for r in workload), cache_rows_max=max(need))
     return dict(benchmark="serving", config=config, workload=work, concurrency=conc, runs=runs, ratios=ratios,
                 goals=goals, ratio_budget_gib=top.get("budget_gib"))
