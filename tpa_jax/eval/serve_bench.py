@@ -206,8 +206,8 @@ def run_padded(params, cfg, workload: list[dict], *, max_batch: int, cache_dtype
 def concurrency(size: str, budgets_bytes: Sequence[int], page_size: int, request_tokens: Sequence[int], *,
                 mechanisms: Sequence[str] = MECHANISMS, cache_dtypes: Sequence[str] = CACHE_DTYPES) -> dict:
     """``max_concurrent`` of ``request_tokens`` (cache rows per request) for each mechanism's
-    ``<prefix>-<size>`` config, cache dtype and budget, with the TPA / MHA ratios at every budget (``saturated``: every request fit,
-    so the figure is a lower bound)."""
+    ``<prefix>-<size>`` config, cache dtype and budget, with the TPA / MHA ratios at every budget
+    (``saturated``: every request fit, so the figure is a lower bound)."""
     names = {m: f"{CONFIG_PREFIX[m]}-{size}" for m in mechanisms}
     entries = []
     for m in mechanisms:
