@@ -6,8 +6,9 @@ Pure functions behind ``python eval.py serve-bench`` and ``bench/serve.py``
 
 * :func:`make_workload` -- a seeded list of requests with ragged prompt and output lengths (random
   token ids, no stop tokens, so every request generates exactly its ``max_new_tokens``);
-* :func:`run_engine` -- the workload through ``inference.Engine``: wall time, tokens/s, the gaps
-  between consecutive tokens of a request (p50 / p99) and the first-token latency;
+* :func:`run_engine` -- the workload through ``inference.Engine``, every request submitted at
+  once: wall time, tokens/s, the gaps between consecutive tokens of a request (p50 / p99, from the
+  time each step returned) and the first-token latency (from the submission, queueing included);
 * :func:`run_padded` -- the same requests through ``inference.generate`` in batches of
   ``max_batch``, each padded to its longest prompt and run to its largest ``max_new_tokens``;
   tokens/s counts only the tokens the requests asked for;
@@ -101,9 +102,10 @@ def cache_rows(prompt_tokens, new_tokens):
 # ---------------------------------------------------------------------------------------------
 # the engine
 def run_engine(params, cfg, workload: list[dict], *, max_batch: int, page_size: int, num_pages: int,
-               cache_dtype: str, prefill_chunk: int, max_steps: Optional[int] = None) -> dict:
-    """Serve ``workload`` (all submitted at once, greedy) after an untimed warm-up request; returns
-    the timings, the engine's stats and each request's tokens (``"outputs"``, in workload order)."""
+               cache_dtype: str, prefill_chunk: int, reps: int = 1, max_steps: Optional[int] = None) -> dict:
+    """Serve ``workload`` (all submitted at once, greedy) ``reps`` times after an untimed warm-up
+    request; returns the timings (``wall_s``: the median pass; latencies pooled over the passes),
+    the engine's stats and each request's tokens of the first pass (``"outputs"``, in workload order)."""
     from ..inference import Engine
 
     eng = Engine(params, cfg, max_batch=max_batch, page_size=page_size, num_pages=num_pages,
@@ -117,37 +119,42 @@ def run_engine(params, cfg, workload: list[dict], *, max_batch: int, page_size: 
     warmup_s = time.perf_counter() - t0
     base = dict(eng.stats)
     max_steps = max_steps or 4 * sum(_tokens(workload)) + 16
+    walls, gaps, firsts, before_first_finish, steps = [], [], [], None, 0
     with count_compiles() as compiles:
-        t0 = time.perf_counter()
-        ids = [eng.submit(r["prompt"], r["max_new_tokens"]) for r in workload]
-        stamps: dict[Any, list[float]] = {i: [] for i in ids}
-        outputs: dict[Any, list[int]] = {i: [] for i in ids}
-        left, steps, before_first_finish = len(ids), 0, None
-        while left:
-            running_before = eng.stats["max_running"]
-            events = eng.step()
-            now = time.perf_counter() - t0
-            steps += 1
-            for rid, token, finished in events:
-                stamps[rid].append(now)
-                outputs[rid].append(int(token))
-                if finished:
-                    left -= 1
-                    if before_first_finish is None:
-                        before_first_finish = running_before
-            if steps > max_steps:
-                raise RuntimeError(f"engine: {left} requests unfinished after {steps} steps")
-        wall = time.perf_counter() - t0
-    generated = sum(len(v) for v in outputs.values())
-    gaps = [b - a for v in stamps.values() for a, b in zip(v, v[1:])]
+        for rep in range(reps):
+            t0 = time.perf_counter()
+            ids = [eng.submit(r["prompt"], r["max_new_tokens"]) for r in workload]
+            stamps: dict[Any, list[float]] = {i: [] for i in ids}
+            outputs: dict[Any, list[int]] = {i: [] for i in ids}
+            left, n_steps = len(ids), 0
+            while left:
+                running_before = eng.stats["max_running"]
+                events = eng.step()
+                now = time.perf_counter() - t0
+                n_steps += 1
+                for rid, token, finished in events:
+                    stamps[rid].append(now)
+                    outputs[rid].append(int(token))
+                    if finished:
+                        left -= 1
+                        if before_first_finish is None:
+                            before_first_finish = running_before
+                if n_steps > max_steps:
+                    raise RuntimeError(f"engine: {left} requests unfinished after {n_steps} steps")
+            walls.append(time.perf_counter() - t0)
+            gaps += [b - a for v in stamps.values() for a, b in zip(v, v[1:])]
+            firsts += [v[0] for v in stamps.values() if v]
+            steps += n_steps
+            if rep == 0:
+                first_outputs = [outputs[i] for i in ids]
+    generated, wall = sum(len(v) for v in first_outputs), float(np.median(walls))
     stats = dict(eng.stats)
     stats.update({k: stats[k] - base.get(k, 0) for k in ("steps", "prefill_calls", "decode_calls") if k in stats})
-    return dict(wall_s=wall, generated_tokens=generated, tokens_per_s=generated / wall, warmup_s=warmup_s,
-                compiles_during_timing=compiles.count, steps=steps, token_gap=_percentiles(gaps),
-                first_token=_percentiles([v[0] for v in stamps.values() if v]),
-                exact_lengths=all(len(outputs[i]) == r["max_new_tokens"] for i, r in zip(ids, workload)),
-                max_running_before_first_finish=before_first_finish, stats=stats,
-                outputs=[outputs[i] for i in ids])
+    return dict(wall_s=wall, times_s=walls, generated_tokens=generated, tokens_per_s=generated / wall,
+                warmup_s=warmup_s, compiles_during_timing=compiles.count, steps=steps // reps,
+                token_gap=_percentiles(gaps), first_token=_percentiles(firsts),
+                exact_lengths=all(len(o) == r["max_new_tokens"] for o, r in zip(first_outputs, workload)),
+                max_running_before_first_finish=before_first_finish, stats=stats, outputs=first_outputs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -168,10 +175,11 @@ def _shape_key(batch: list[dict], cfg) -> tuple:
     return length_bucket(longest, PROMPT_BUCKET), length_bucket(new, NEW_TOKENS_BUCKET), cap
 
 
-def run_padded(params, cfg, workload: list[dict], *, max_batch: int, cache_dtype: str) -> dict:
+def run_padded(params, cfg, workload: list[dict], *, max_batch: int, cache_dtype: str, reps: int = 1) -> dict:
     """The workload through ``generate`` in padded batches of ``max_batch`` (greedy); each distinct
     compiled shape is generated once, untimed, first.  ``tokens_per_s`` counts the requested tokens;
-    ``padded_tokens`` is what the batches generated (rows x their batch's largest output)."""
+    ``padded_tokens`` is what the batches generated (rows x their batch's largest output); ``wall_s``
+    is the median of ``reps`` passes."""
     batches = _batches(workload, max_batch)
 
     def call(batch):
@@ -185,16 +193,19 @@ def run_padded(params, cfg, workload: list[dict], *, max_batch: int, cache_dtype
     for batch in shapes.values():
         call(batch)
     warmup_s = time.perf_counter() - t0
-    outputs = []
+    outputs, walls = [], []
     with count_compiles() as compiles:
-        t0 = time.perf_counter()
-        for batch, real in batches:
-            got = call(batch)  # generate returns host arrays: the step has finished
-            outputs += [got.tokens[j, :batch[j]["max_new_tokens"]].tolist() for j in range(real)]
-        wall = time.perf_counter() - t0
+        for rep in range(reps):
+            t0 = time.perf_counter()
+            for batch, real in batches:
+                got = call(batch)  # generate returns host arrays: the batch has finished
+                if rep == 0:
+                    outputs += [got.tokens[j, :batch[j]["max_new_tokens"]].tolist() for j in range(real)]
+            walls.append(time.perf_counter() - t0)
+    wall = float(np.median(walls))
     useful = sum(r["max_new_tokens"] for r in workload)
     per_token = page_bytes(cfg, 1, cache_dtype)
-    return dict(wall_s=wall, generated_tokens=useful, tokens_per_s=useful / wall, warmup_s=warmup_s,
+    return dict(wall_s=wall, times_s=walls, generated_tokens=useful, tokens_per_s=useful / wall, warmup_s=warmup_s,
                 compiles_during_timing=compiles.count, batches=len(batches), distinct_shapes=len(shapes),
                 padded_tokens=sum(len(b) * max(r["max_new_tokens"] for r in b) for b, _ in batches),
                 cache_bytes_per_batch_max=max(max_batch * k[2] * per_token for k in shapes),
@@ -245,7 +256,8 @@ def run_serve_bench(*, mechanisms: Sequence[str] = MECHANISMS, cache_dtypes: Seq
                     tpa_ranks=(6, 2, 2), gqa_groups: int = 2, max_batch: int = 8, page_size: int = 16,
                     prefill_chunk: int = 64, run_budget_bytes: Optional[int] = None, param_init: str = "fast",
                     concurrency_size: str = "small", budgets_gib=(0.5, 1, 2, 4, 8),
-                    concurrency_requests: int = 50_000, run: bool = True, progress: bool = False) -> dict:
+                    concurrency_requests: int = 50_000, reps: int = 3, run: bool = True,
+                    progress: bool = False) -> dict:
     """Every measurement of the module docstring, for each mechanism x cache dtype.
 
     ``run=False`` computes the concurrency part only (no model is built).  ``run_budget_bytes``: the
@@ -258,7 +270,7 @@ def run_serve_bench(*, mechanisms: Sequence[str] = MECHANISMS, cache_dtypes: Seq
     if not cache_dtypes or any(d not in CACHE_DTYPES for d in cache_dtypes):
         raise ValueError(f"cache_dtypes: expected some of {CACHE_DTYPES}, got {list(cache_dtypes)}")
     for name, v in dict(requests=requests, max_batch=max_batch, page_size=page_size, prefill_chunk=prefill_chunk,
-                        concurrency_requests=concurrency_requests).items():
+                        concurrency_requests=concurrency_requests, reps=reps).items():
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
             raise ValueError(f"{name}: expected an integer >= 1, got {v!r}")
     if not budgets_gib or any(not b > 0 for b in budgets_gib):
@@ -289,8 +301,8 @@ def run_serve_bench(*, mechanisms: Sequence[str] = MECHANISMS, cache_dtypes: Seq
             pb = page_bytes(cfgs[m], page_size, d)
             num_pages = run_budget_bytes // pb
             eng = run_engine(params, cfgs[m], workload, max_batch=max_batch, page_size=page_size,
-                             num_pages=num_pages, cache_dtype=d, prefill_chunk=prefill_chunk)
-            pad = run_padded(params, cfgs[m], workload, max_batch=max_batch, cache_dtype=d)
+                             num_pages=num_pages, cache_dtype=d, prefill_chunk=prefill_chunk, reps=reps)
+            pad = run_padded(params, cfgs[m], workload, max_batch=max_batch, cache_dtype=d, reps=reps)
             predicted = max_concurrent(run_budget_bytes, cfgs[m], page_size, d, need, max_batch)
             e_out, p_out = eng.pop("outputs"), pad.pop("outputs")
             runs.append(dict(mechanism=m, cache_dtype=d, page_bytes=pb, num_pages=num_pages,
@@ -320,7 +332,7 @@ def _result(kw: dict, conc: dict, runs: list, workload: list, need: list) -> dic
             goals[key] = dict(goal=goal, value=value, met=value >= goal)
     names = ("mechanisms", "cache_dtypes", "requests", "prompt_range", "output_range", "seed", "d_model", "head_dim",
              "n_layer", "dtype", "tpa_ranks", "gqa_groups", "max_batch", "page_size", "prefill_chunk",
-             "run_budget_bytes", "param_init", "concurrency_size", "budgets_gib", "concurrency_requests", "run")
+             "run_budget_bytes", "param_init", "concurrency_size", "budgets_gib", "concurrency_requests", "reps", "run")
     config = {k: list(kw[k]) if isinstance(kw[k], tuple) else kw[k] for k in names}
     config.update(environment())
     work = dict(requests=len(workload), prompt_tokens=sum(len(r["prompt"]) for r in workload),

@@ -22,10 +22,10 @@ __all__ = ["DEFAULTS", "SMOKE", "add_serve_bench_arguments", "run_serve_bench_ar
 
 DEFAULTS = dict(requests=32, prompt_range=[8, 96], output_range=[4, 64], d_model=256, head_dim=64, n_layer=2,
                 max_batch=8, page_size=16, prefill_chunk=64, budgets_gib=[0.5, 1, 2, 4, 8],
-                concurrency_requests=50_000)
+                concurrency_requests=50_000, reps=3)
 SMOKE = dict(requests=6, prompt_range=[4, 12], output_range=[2, 8], d_model=64, head_dim=16, n_layer=1,
              max_batch=4, page_size=8, prefill_chunk=16, budgets_gib=[0.0625, 0.125, 0.25],
-             concurrency_requests=5_000)
+             concurrency_requests=5_000, reps=1)
 
 
 def _int_at_least(minimum: int):
@@ -77,6 +77,7 @@ def add_serve_bench_arguments(p: argparse.ArgumentParser, out_default: Optional[
     p.add_argument("--budget-gib", type=_budget, nargs="+", dest="budgets_gib",
                    help="memory budgets of the concurrency figures in GiB (default 0.5 1 2 4 8)")
     p.add_argument("--concurrency-requests", type=pos, help="requests queued for those figures (default 50000)")
+    p.add_argument("--reps", type=pos, help="timed passes of the workload per run; the median is kept (default 3)")
     p.add_argument("--no-run", action="store_true", help="the concurrency figures only (nothing is timed)")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     p.add_argument("--out", default=out_default, help="directory for serve_bench.json and serve_bench.png"
