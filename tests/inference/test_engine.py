@@ -169,3 +169,20 @@ def test_request_errors_leave_the_running_engine_undisturbed(models):
     assert eng.num_waiting + eng.num_running == 2
     out = eng.run_until_done()
     assert [out[i] for i in ids] == [_alone(cfg, params, p, n) for p, n in reqs]
+
+
+@pytest.mark.parametrize("name", ["tpa", "gqa"])
+def test_a_decode_step_never_copies_the_pool(models, name):
+    """A bfloat16 pool of 512 pages: the compiled decode step updates the donated pool in place, and its
+    scratch does not grow with the pool (no per-step cast, bitcast or slice of a whole layer's pool)."""
+    cfg, params = models[name]
+    temps = {}
+    for pages in (64, 512):
+        eng = Engine(params, cfg, num_pages=pages, cache_dtype="bfloat16", **SETTINGS)
+        b, j = eng.max_batch, eng.pages_per_seq
+        args = (params, eng.pool, np.zeros((b, 1), np.int32), np.zeros(b, np.int32), np.ones(b, np.int32),
+                np.full((b, j), pages, np.int32), eng._sampling([None] * b))
+        memory = eng._step.lower(*args).compile().memory_analysis()
+        assert memory.alias_size_in_bytes == eng.pool_bytes
+        temps[pages] = memory.temp_size_in_bytes
+    assert temps[512] == temps[64] < eng.pool_bytes / 4, temps

@@ -96,6 +96,16 @@ def cache_shardings(cfg: ModelConfig, cache: Cache, mesh: jax.sharding.Mesh) -> 
 EIGEN_DECODE = ("tpa", "tpa_kvonly", "mla")
 
 
+def paged_compiler_options(cfg: Optional[ModelConfig] = None) -> dict[str, Any]:
+    """:func:`decode_compiler_options` for steps on a paged cache, and on a CPU XLA's classic loop
+    emitters: the newer fusion emitters materialise a same-width bitcast of a whole 16-bit pool (its
+    reads and writes go through the uint16 bits, ``core._bits``), a copy of the pool per step."""
+    options = decode_compiler_options(cfg)
+    if jax.default_backend() == "cpu":
+        options["xla_cpu_use_fusion_emitters"] = False
+    return options
+
+
 def decode_compiler_options(cfg: Optional[ModelConfig] = None) -> dict[str, Any]:
     """XLA options for a jitted decode step with a donated cache.  On a CPU: copy insertion by region
     analysis, which sees that the layer loop only reads the cache and that the one write after it

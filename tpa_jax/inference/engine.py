@@ -42,7 +42,7 @@ import numpy as np
 from ..config import ModelConfig
 from ..model import logits_fn
 from ..model.attention.quant import cache_dtype as _cache_dtype
-from .cache import decode_compiler_options
+from .cache import paged_compiler_options
 from .generate import GREEDY_BELOW, nucleus, prepare_prompts
 from .paged import PageAllocator, empty_page_table, init_pool, page_bytes, pages_for
 
@@ -92,7 +92,7 @@ def _step_impl(params: Any, pool: dict, tokens_BT: jax.Array, lengths_B: jax.Arr
 @functools.cache
 def _step_jit(cfg: ModelConfig):
     return jax.jit(functools.partial(_step_impl, cfg=cfg), donate_argnums=(1,),
-                   compiler_options=decode_compiler_options(cfg))
+                   compiler_options=paged_compiler_options(cfg))
 
 
 class Engine:

@@ -161,7 +161,7 @@ class LayerCache(NamedTuple):
     {name: [L, N, page_size, ...]} instead: row s of sequence b is row ``s % page_size`` of page
     ``page_table[b, s // page_size]``, writes to pages past the pool (``N``, no page) are dropped, and
     a read gathers each sequence's pages into rows [B, J page_size, ...] (:func:`paged_rows`; FlashTPA
-    decoding reads the pool page by page instead)."""
+    decoding reads the pool page by page instead, :meth:`pages`)."""
 
     layers: dict[str, jax.Array]
     index: jax.Array
@@ -170,10 +170,19 @@ class LayerCache(NamedTuple):
     start_B: Optional[jax.Array] = None
     page_table: Optional[jax.Array] = None
 
-    def layer_pool(self) -> dict[str, jax.Array]:
-        """This layer's leaves of the stack: [B, S, ...], or a paged cache's pool [N, page_size, ...]."""
+    def layer_rows(self) -> dict[str, jax.Array]:
+        """This layer's leaves of the stack, [B, S, ...]."""
         return {name: jax.lax.dynamic_index_in_dim(buf, self.index, 0, keepdims=False)
                 for name, buf in self.layers.items()}
+
+    def pages(self) -> tuple[dict[str, jax.Array], jax.Array]:
+        """A paged cache seen from this layer: every layer's pages as one pool [L N, page_size, ...] (a
+        free reshape) and the page table shifted to this layer's pages.  Reads go straight into the
+        stack: slicing the layer's pool out first would copy all of it every step.  Entries past the
+        pool land on another layer's pages, which only rows past a length ever read (masked)."""
+        pool = {name: _unbits(_bits(buf).reshape(-1, *buf.shape[2:]), buf.dtype) for name, buf in self.layers.items()}
+        n = next(iter(self.layers.values())).shape[1]
+        return pool, self.page_table + self.index.astype(jnp.int32) * n
 
 
 def _bits(x: jax.Array) -> jax.Array:
@@ -211,12 +220,18 @@ def page_slots(page_table_BJ: jax.Array, rows_BT: jax.Array, page_size: int) -> 
     return page_BT, rows_BT % page_size
 
 
+def page_rows(pool: jax.Array, pages: jax.Array) -> jax.Array:
+    """``pool[pages]`` for a pool [N, page_size, ...] and page ids of any shape (a page past the pool
+    reads the last page: rows past a length are masked by every reader).  The gathered rows pass an
+    optimisation barrier: without it XLA's CPU backend moved a 16-bit pool's cast to float32 ahead of
+    the gather and out of the loops, converting the whole pool every step."""
+    return _unbits(jnp.take(_bits(pool), pages, axis=0, mode="clip"), pool.dtype)
+
+
 def paged_rows(pool: jax.Array, page_table_BJ: jax.Array) -> jax.Array:
-    """One layer's pool [N, page_size, ...] read as each sequence's rows [B, J page_size, ...]
-    (a page past the pool reads the last page: rows past a length are masked by every reader)."""
+    """A pool [N, page_size, ...] read as each sequence's rows [B, J page_size, ...] (:func:`page_rows`)."""
     b, j = page_table_BJ.shape
-    rows = jnp.take(pool, page_table_BJ.reshape(-1), axis=0, mode="clip")
-    return rows.reshape(b, j * pool.shape[1], *pool.shape[2:])
+    return page_rows(pool, page_table_BJ.reshape(-1)).reshape(b, j * pool.shape[1], *pool.shape[2:])
 
 
 def write_stack(layers: dict[str, jax.Array], new: dict[str, jax.Array], start_B: jax.Array,
@@ -264,9 +279,11 @@ def read_cache(cache: dict[str, jax.Array] | LayerCache) -> dict[str, jax.Array]
     """The layer's cache leaves [B, S, ...] (of a :class:`LayerCache`: its layer of the stack, or of a
     paged pool each sequence's pages, with a deferred write's pending token put in)."""
     if isinstance(cache, LayerCache):
-        rows = cache.layer_pool()
         if cache.page_table is not None:
-            rows = {name: paged_rows(pool, cache.page_table) for name, pool in rows.items()}
+            pool, table = cache.pages()
+            rows = {name: paged_rows(buf, table) for name, buf in pool.items()}
+        else:
+            rows = cache.layer_rows()
         if cache.pending is not None:
             rows = {name: _put_rows(buf, cache.pending[name], cache.start_B) for name, buf in rows.items()}
         return rows

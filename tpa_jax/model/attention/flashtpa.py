@@ -61,7 +61,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from .blocked import varying_like
-from .core import attention_mask, filled_BS, merge_parts, row_softmax
+from .core import attention_mask, filled_BS, merge_parts, page_rows, row_softmax
 from .quant import dequantize
 
 __all__ = ["flashtpa_decode", "flashtpa_decode_plain_q", "flashtpa_prefill", "flashtpa_prefill_plain_q"]
@@ -124,7 +124,7 @@ def _blocked_attention(a_q_BTPH: Optional[jax.Array], b_q_BTPD: jax.Array, a_k_B
         nominal = i * block
         start = jnp.minimum(nominal, s_len - block)  # clamped last block: no padded copy
         take = ((lambda x: lax.dynamic_slice_in_dim(x, start, block, axis=1)) if pages is None
-                else (lambda x: jnp.take(x, pages[:, i], axis=0, mode="clip")))
+                else (lambda x: page_rows(x, pages[:, i])))
         a_k, b_k, a_v, b_v = _dequantized(take, (a_k_BSRH, b_k_BSRD, a_v_BSUH, b_v_BSUE), scales)
         key_positions_S = start + offsets_S
         new_S = key_positions_S >= nominal  # not already covered by the previous block

@@ -320,8 +320,8 @@ class TPAttention(nn.Module):
         items = self.kv_items(x_BTM, rope)
         one_token = x_BTM.shape[1] == 1 and cfg.decode_impl in ("flash", "pallas") and context_size() == 1
         if cache is not None and one_token:  # Alg. 2: read the rows, then write the token (in place)
-            pages = cache.page_table if isinstance(cache, LayerCache) and self.reads_pages(cfg) else None
-            rows = read_cache(cache) if pages is None else cache.layer_pool()
+            paged = isinstance(cache, LayerCache) and cache.page_table is not None and self.reads_pages(cfg)
+            rows, pages = cache.pages() if paged else (read_cache(cache), None)
             new = as_stored(items, rows, cfg.compute_dtype)  # as the cache will hold them
             o_BTM = self.flash_attention(x_BTM, rope, key_rope, rows, start_B, new_items=new, page_table=pages)
             return o_BTM, write_cache(cache, items, start_B)
