@@ -180,9 +180,23 @@ def test_a_decode_step_never_copies_the_pool(models, name):
     for pages in (64, 512):
         eng = Engine(params, cfg, num_pages=pages, cache_dtype="bfloat16", **SETTINGS)
         b, j = eng.max_batch, eng.pages_per_seq
-        args = (params, eng.pool, np.zeros((b, 1), np.int32), np.zeros(b, np.int32), np.ones(b, np.int32),
-                np.full((b, j), pages, np.int32), eng._sampling([None] * b))
-        memory = eng._step.lower(*args).compile().memory_analysis()
+        packed = eng._pack([None] * b, np.zeros((b, 1), np.int32), np.zeros(b, np.int32), np.ones(b, np.int32),
+                           np.full((b, j), pages, np.int32))
+        memory = eng._step.lower(params, eng.pool, *packed, t=1).compile().memory_analysis()
         assert memory.alias_size_in_bytes == eng.pool_bytes
         temps[pages] = memory.temp_size_in_bytes
     assert temps[512] == temps[64] < eng.pool_bytes / 4, temps
+
+
+def test_warmup_compiles_every_program_and_changes_nothing(models):
+    cfg, params = models["gqa"]
+    eng = Engine(params, cfg, **{**SETTINGS, "prefill_chunk": 8, "num_pages": 12})  # shapes no other test uses
+    with count_compiles() as c:
+        eng.warmup()
+    assert c.count == 3 and all(not np.asarray(x).any() for x in jax.tree_util.tree_leaves(eng.pool))
+    reqs = [(list(range(1, 20)), 3), (list(range(5, 9)), 4), (list(range(30, 33)), 2)]
+    with count_compiles() as c:
+        ids = [eng.submit(p, n) for p, n in reqs]
+        out = eng.run_until_done()
+    assert c.count == 0, c.names
+    assert [out[i] for i in ids] == [_alone(cfg, params, p, n) for p, n in reqs]

@@ -13,12 +13,13 @@ them go back to the pool when it ends, so the pool holds the tokens of the reque
 not ``max_batch * max_len``.  A request that could never fit (longer than ``max_len``, or more
 pages than the pool has) is a one-line error at ``submit``.
 
-Each :meth:`Engine.step` admits what fits, runs one prefill chunk (``prefill_chunk`` tokens, a
-[1, chunk] call) for every request still reading its prompt -- the last chunk also samples its
-first token -- and then one decode step for all slots that are generating (a [max_batch, 1] call;
-idle slots read and write no page).  Every call has fixed shapes (slots, chunk, page table
-[max_batch, J] with J = max_len / page_size pages, the pool), so requests join and leave without
-recompiling: one prefill and one decode program per engine configuration.
+Each :meth:`Engine.step` admits what fits, advances every request still reading its prompt by one
+chunk of ``prefill_chunk`` tokens -- the last chunk also samples its first token; one such request
+is a [1, chunk] call, several share one [max_batch, chunk] call -- and then runs one decode step for
+all slots that are generating (a [max_batch, 1] call; idle rows read and write no page).  Every call
+has fixed shapes (slots, chunk, page table [rows, J] with J = max_len / page_size pages, the pool),
+so requests join and leave without recompiling: three programs per engine configuration, which
+:meth:`Engine.warmup` compiles ahead if asked.
 
 Sampling follows ``tpa_jax.generate`` row by row: greedy at ``temperature < GREEDY_BELOW``, else
 softmax(logits / temperature) within ``top_k`` and ``top_p``, the i-th token drawn with
@@ -79,19 +80,29 @@ def _sample_row(logits_V: jax.Array, step: jax.Array, seed: jax.Array, temperatu
     return jnp.where(greedy, jnp.argmax(logits[0]), drawn).astype(jnp.int32)
 
 
-def _step_impl(params: Any, pool: dict, tokens_BT: jax.Array, lengths_B: jax.Array, valid_B: jax.Array,
-               table_BJ: jax.Array, sampling: tuple, *, cfg: ModelConfig) -> tuple[jax.Array, dict]:
-    """One model call on the paged cache -- a prefill chunk (T tokens, ``valid_B`` of them real) or a
-    decode step (T = 1) -- and the next token of every row from its last real position."""
-    cache = {"lengths": lengths_B, "layers": pool, "page_table": table_BJ}
+def _step_impl(params: Any, pool: dict, ints: jax.Array, floats: jax.Array, *, cfg: ModelConfig, t: int
+               ) -> tuple[jax.Array, dict]:
+    """One model call on the paged cache -- a prefill chunk (T tokens, ``valid`` of them real) or a
+    decode step (T = 1) -- and the next token of every row from its last real position.  Each row's
+    inputs arrive packed (two host-to-device copies per call instead of a dozen): ``ints`` [B, T + 7 + J]
+    = tokens, start, valid, step, seed bits, top_k, use_top_p, greedy, page table; ``floats`` [B, 2] =
+    temperature, top_p."""
+    tokens_BT, (start_B, valid_B, step_B, seed_B, top_k_B, use_top_p_B, greedy_B) = ints[:, :t], ints[:, t:t + 7].T
+    cache = {"lengths": start_B, "layers": pool, "page_table": ints[:, t + 7:]}
     logits_BTV, cache = logits_fn(cfg)(params, tokens_BT, cache=cache, valid_lengths=valid_B)
     last_BV = jnp.take_along_axis(logits_BTV, jnp.maximum(valid_B - 1, 0)[:, None, None], axis=1)[:, 0]
-    return jax.vmap(_sample_row)(last_BV, *sampling), cache["layers"]
+    greedy = greedy_B.astype(bool)
+    sampling = (step_B, jax.lax.bitcast_convert_type(seed_B, jnp.uint32), floats[:, 0], top_k_B, floats[:, 1],
+                use_top_p_B.astype(bool), greedy)
+    # greedy rows only (the usual case): skip the sort and nucleus of every row
+    token_B = jax.lax.cond(jnp.all(greedy), lambda: jnp.argmax(last_BV, axis=-1).astype(jnp.int32),
+                           lambda: jax.vmap(_sample_row)(last_BV, *sampling))
+    return token_B, cache["layers"]
 
 
 @functools.cache
 def _step_jit(cfg: ModelConfig):
-    return jax.jit(functools.partial(_step_impl, cfg=cfg), donate_argnums=(1,),
+    return jax.jit(functools.partial(_step_impl, cfg=cfg), static_argnames=("t",), donate_argnums=(1,),
                    compiler_options=paged_compiler_options(cfg))
 
 
@@ -234,13 +245,21 @@ class Engine:
         self._live.pop(req.rid, None)
         self._done[req.rid] = req
 
-    def _sampling(self, reqs: Sequence[Optional[_Request]]) -> tuple:
-        """The per-row sampling arrays (step, seed, temperature, top_k, top_p, use_top_p, greedy)."""
+    def _pack(self, rows: Sequence[Optional[_Request]], tokens: np.ndarray, starts: np.ndarray, valid: np.ndarray,
+              table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The step program's (ints, floats) for these rows (``None``: an idle row, greedy)."""
         idle = (np.float32(1.0), np.int32(self.cfg.vocab_size), np.float32(1.0), False, True, np.uint32(0))
-        cols = list(zip(*[(r.sampling if r is not None else idle) for r in reqs]))
-        steps = np.asarray([len(r.tokens) if r is not None else 0 for r in reqs], np.int32)
-        temperature, top_k, top_p, use_top_p, greedy, seed = (np.asarray(c) for c in cols)
-        return steps, seed.astype(np.uint32), temperature, top_k, top_p, use_top_p, greedy
+        temperature, top_k, top_p, use_top_p, greedy, seed = zip(*[(r.sampling if r is not None else idle)
+                                                                  for r in rows])
+        steps = [len(r.tokens) if r is not None else 0 for r in rows]
+        cols = [starts, valid, steps, np.asarray(seed, np.uint32).view(np.int32), top_k, use_top_p, greedy]
+        ints = np.concatenate([tokens, np.asarray(cols, np.int32).T, table], axis=1)
+        return ints, np.stack([np.asarray(temperature, np.float32), np.asarray(top_p, np.float32)], axis=1)
+
+    def _call(self, rows: Sequence[Optional[_Request]], *arrays: np.ndarray) -> np.ndarray:
+        """Run the step program on these rows (see :meth:`_pack`); returns their sampled tokens."""
+        out, self.pool = self._step(self.params, self.pool, *self._pack(rows, *arrays), t=arrays[0].shape[1])
+        return np.asarray(out)
 
     def _emit(self, req: _Request, token: int, now: float, events: list) -> None:
         req.tokens.append(token)
@@ -257,9 +276,9 @@ class Engine:
         self._admit()
         running = [r for r in self._slots if r is not None]
         decoding = [r for r in running if r.tokens]
-        for req in running:
-            if not req.tokens:
-                self._prefill_chunk(req, events)
+        prefilling = [r for r in running if not r.tokens]
+        if prefilling:
+            self._prefill(prefilling, events)
         if decoding:
             self._decode(decoding, events)
         self.stats["steps"] += 1
@@ -267,20 +286,37 @@ class Engine:
         self.stats["pages_in_use"] = self._alloc.in_use
         return events
 
-    def _prefill_chunk(self, req: _Request, events: list) -> None:
-        c = self.prefill_chunk
-        piece = req.prompt[req.length:req.length + c]
-        n = len(piece)
-        self._grow(req, req.length + n)
-        tokens = np.zeros((1, c), np.int32)
-        tokens[0, :n] = piece
-        table = self._table[req.slot:req.slot + 1]
-        token, self.pool = self._step(self.params, self.pool, tokens, np.asarray([req.length], np.int32),
-                                      np.asarray([n], np.int32), table, self._sampling([req]))
-        req.length += n
+    def _prefill(self, reqs: list[_Request], events: list) -> None:
+        """One chunk of every prompt in ``reqs``: a [1, chunk] call for one, else one [max_batch, chunk]
+        call with the requests in their slots' rows (the other rows hold no page and write nothing)."""
+        c, one = self.prefill_chunk, len(reqs) == 1
+        n_rows = 1 if one else self.max_batch
+        rows: list[Optional[_Request]] = [None] * n_rows
+        tokens = np.zeros((n_rows, c), np.int32)
+        starts, valid = np.zeros((n_rows,), np.int32), np.zeros((n_rows,), np.int32)
+        table = empty_page_table(n_rows, self.pages_per_seq, self.num_pages)
+        for req in reqs:
+            row = 0 if one else req.slot
+            piece = req.prompt[req.length:req.length + c]
+            self._grow(req, req.length + len(piece))
+            rows[row], tokens[row, :len(piece)] = req, piece
+            starts[row], valid[row], table[row] = req.length, len(piece), self._table[req.slot]
+        out = self._call(rows, tokens, starts, valid, table)
+        now = time.perf_counter()
         self.stats["prefill_calls"] += 1
-        if req.length == len(req.prompt):
-            self._emit(req, int(np.asarray(token)[0]), time.perf_counter(), events)
+        for row, req in enumerate(rows):
+            if req is not None:
+                req.length += int(valid[row])
+                if req.length == len(req.prompt):
+                    self._emit(req, int(out[row]), now, events)
+
+    def warmup(self) -> None:
+        """Compile (and run once, on rows that hold no page, so nothing changes) the engine's three
+        programs -- decode, a one-prompt and a batched prefill chunk -- ahead of the first requests."""
+        for n_rows, t in ((self.max_batch, 1), (1, self.prefill_chunk), (self.max_batch, self.prefill_chunk)):
+            table = empty_page_table(n_rows, self.pages_per_seq, self.num_pages)
+            zeros = np.zeros((n_rows,), np.int32)
+            self._call([None] * n_rows, np.zeros((n_rows, t), np.int32), zeros, zeros + 1, table)
 
     def _decode(self, decoding: list[_Request], events: list) -> None:
         rows: list[Optional[_Request]] = [None] * self.max_batch
@@ -293,8 +329,7 @@ class Engine:
             tokens[req.slot, 0], lengths[req.slot] = req.tokens[-1], req.length
             table[req.slot] = self._table[req.slot]
         valid = np.ones((self.max_batch,), np.int32)
-        out, self.pool = self._step(self.params, self.pool, tokens, lengths, valid, table, self._sampling(rows))
-        out = np.asarray(out)
+        out = self._call(rows, tokens, lengths, valid, table)
         now = time.perf_counter()
         self.stats["decode_calls"] += 1
         for req in decoding:
