@@ -116,7 +116,7 @@ def test_cli_bad_input_is_one_line_exit_2(argv, tmp_path, capsys):
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     out = tmp_path_factory.mktemp("serve")
-    assert main([*SMOKE_ARGS, "--reps", "2", "--out", str(out)]) == 0
+    assert main([*SMOKE_ARGS, "--reps", "1", "--out", str(out)]) == 0
     return out, json.loads((out / "serve_bench.json").read_text())
 
 

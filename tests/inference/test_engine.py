@@ -182,10 +182,13 @@ def test_a_decode_step_never_copies_the_pool(models, name):
         b, j = eng.max_batch, eng.pages_per_seq
         packed = eng._pack([None] * b, np.zeros((b, 1), np.int32), np.zeros(b, np.int32), np.ones(b, np.int32),
                            np.full((b, j), pages, np.int32))
-        memory = eng._step.lower(params, eng.pool, *packed, t=1).compile().memory_analysis()
-        assert memory.alias_size_in_bytes == eng.pool_bytes
-        temps[pages] = memory.temp_size_in_bytes
-    assert temps[512] == temps[64] < eng.pool_bytes / 4, temps
+        for burst in (1, 4):  # one decode step, and a burst of them in an on-device loop
+            lowered = eng._step.lower(params, eng.pool, *packed, np.int32(1), t=1, burst=burst)
+            memory = lowered.compile().memory_analysis()
+            assert memory.alias_size_in_bytes == eng.pool_bytes
+            temps[pages, burst] = memory.temp_size_in_bytes
+    assert temps[512, 1] == temps[64, 1] < eng.pool_bytes / 4, temps
+    assert temps[512, 4] == temps[64, 4] < eng.pool_bytes / 4, temps
 
 
 def test_warmup_compiles_every_program_and_changes_nothing(models):
@@ -200,3 +203,25 @@ def test_warmup_compiles_every_program_and_changes_nothing(models):
         out = eng.run_until_done()
     assert c.count == 0, c.names
     assert [out[i] for i in ids] == [_alone(cfg, params, p, n) for p, n in reqs]
+
+
+def test_decode_bursts_give_the_same_tokens_in_fewer_calls(models):
+    """``decode_steps=8``: while nothing else is pending, up to 8 tokens per call (an on-device loop);
+    a request with stop tokens brings single steps back.  Every request still equals generate alone."""
+    cfg, params = models["tpa"]
+    reqs = _requests(cfg, n=8, seed=7)
+    calls = {}
+    for steps in (1, 8):
+        eng = Engine(params, cfg, num_pages=32, decode_steps=steps, **SETTINGS)
+        ids = [eng.submit(p, n) for p, n in reqs]
+        out = eng.run_until_done()
+        calls[steps] = eng.stats["decode_calls"]
+        for rid, (prompt, n) in zip(ids, reqs):
+            assert out[rid] == _alone(cfg, params, prompt, n)
+    assert calls[8] < calls[1] / 2, calls
+    stop = out[ids[0]][1]
+    with_stop = eng.submit(reqs[0][0], reqs[0][1], stop_tokens=[stop])
+    other = eng.submit(reqs[1][0], reqs[1][1])
+    out = eng.run_until_done()
+    assert out[with_stop] == _alone(cfg, params, *reqs[0], stop_tokens=[stop]) and len(out[with_stop]) == 2
+    assert out[other] == _alone(cfg, params, *reqs[1])

@@ -102,14 +102,15 @@ def cache_rows(prompt_tokens, new_tokens):
 # ---------------------------------------------------------------------------------------------
 # the engine
 def run_engine(params, cfg, workload: list[dict], *, max_batch: int, page_size: int, num_pages: int,
-               cache_dtype: str, prefill_chunk: int, reps: int = 1, max_steps: Optional[int] = None) -> dict:
+               cache_dtype: str, prefill_chunk: int, decode_steps: int = 1, reps: int = 1,
+               max_steps: Optional[int] = None) -> dict:
     """Serve ``workload`` (all submitted at once, greedy) ``reps`` times after an untimed warm-up
     request; returns the timings (``wall_s``: the median pass; latencies pooled over the passes),
     the engine's stats and each request's tokens of the first pass (``"outputs"``, in workload order)."""
     from ..inference import Engine
 
     eng = Engine(params, cfg, max_batch=max_batch, page_size=page_size, num_pages=num_pages,
-                 cache_dtype=cache_dtype, prefill_chunk=prefill_chunk)
+                 cache_dtype=cache_dtype, prefill_chunk=prefill_chunk, decode_steps=decode_steps)
     # warm-up: a full prefill chunk and a partial one, then decode steps (no longer than the longest request)
     warm_len = max(1, min(prefill_chunk + 1, max(_tokens(workload)) - 2))
     warm_prompt = (list(workload[0]["prompt"]) * warm_len)[:warm_len]
@@ -255,7 +256,7 @@ def run_serve_bench(*, mechanisms: Sequence[str] = MECHANISMS, cache_dtypes: Seq
                     requests: int = 32, prompt_range=(8, 96), output_range=(4, 64), seed: int = 0,
                     d_model: int = 256, head_dim: int = 64, n_layer: int = 2, dtype: str = "float32",
                     tpa_ranks=(6, 2, 2), gqa_groups: int = 2, max_batch: int = 8, page_size: int = 16,
-                    prefill_chunk: int = 64, run_budget_bytes: Optional[int] = None, param_init: str = "fast",
+                    prefill_chunk: int = 64, decode_steps: int = 8, run_budget_bytes: Optional[int] = None, param_init: str = "fast",
                     concurrency_size: str = "small", budgets_gib=(0.5, 1, 2, 4, 8),
                     concurrency_requests: int = 50_000, reps: int = 3, run: bool = True,
                     progress: bool = False) -> dict:
@@ -271,7 +272,7 @@ def run_serve_bench(*, mechanisms: Sequence[str] = MECHANISMS, cache_dtypes: Seq
     if not cache_dtypes or any(d not in CACHE_DTYPES for d in cache_dtypes):
         raise ValueError(f"cache_dtypes: expected some of {CACHE_DTYPES}, got {list(cache_dtypes)}")
     for name, v in dict(requests=requests, max_batch=max_batch, page_size=page_size, prefill_chunk=prefill_chunk,
-                        concurrency_requests=concurrency_requests, reps=reps).items():
+                        decode_steps=decode_steps, concurrency_requests=concurrency_requests, reps=reps).items():
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
             raise ValueError(f"{name}: expected an integer >= 1, got {v!r}")
     if not budgets_gib or any(not b > 0 for b in budgets_gib):
@@ -302,7 +303,8 @@ def run_serve_bench(*, mechanisms: Sequence[str] = MECHANISMS, cache_dtypes: Seq
             pb = page_bytes(cfgs[m], page_size, d)
             num_pages = run_budget_bytes // pb
             eng = run_engine(params, cfgs[m], workload, max_batch=max_batch, page_size=page_size,
-                             num_pages=num_pages, cache_dtype=d, prefill_chunk=prefill_chunk, reps=reps)
+                             num_pages=num_pages, cache_dtype=d, prefill_chunk=prefill_chunk,
+                             decode_steps=decode_steps, reps=reps)
             pad = run_padded(params, cfgs[m], workload, max_batch=max_batch, cache_dtype=d, reps=reps)
             predicted = max_concurrent(run_budget_bytes, cfgs[m], page_size, d, need, max_batch)
             e_out, p_out = eng.pop("outputs"), pad.pop("outputs")
@@ -332,7 +334,7 @@ def _result(kw: dict, conc: dict, runs: list, workload: list, need: list) -> dic
         if goal is not None and isinstance(value, float):
             goals[key] = dict(goal=goal, value=value, met=value >= goal)
     names = ("mechanisms", "cache_dtypes", "requests", "prompt_range", "output_range", "seed", "d_model", "head_dim",
-             "n_layer", "dtype", "tpa_ranks", "gqa_groups", "max_batch", "page_size", "prefill_chunk",
+             "n_layer", "dtype", "tpa_ranks", "gqa_groups", "max_batch", "page_size", "prefill_chunk", "decode_steps",
              "run_budget_bytes", "param_init", "concurrency_size", "budgets_gib", "concurrency_requests", "reps", "run")
     config = {k: list(kw[k]) if isinstance(kw[k], tuple) else kw[k] for k in names}
     config.update(environment())

@@ -21,10 +21,10 @@ __all__ = ["DEFAULTS", "SMOKE", "add_serve_bench_arguments", "run_serve_bench_ar
            "format_summary", "plot"]
 
 DEFAULTS = dict(requests=32, prompt_range=[8, 96], output_range=[4, 64], d_model=256, head_dim=64, n_layer=2,
-                max_batch=8, page_size=16, prefill_chunk=64, budgets_gib=[0.5, 1, 2, 4, 8],
+                max_batch=8, page_size=16, prefill_chunk=64, decode_steps=8, budgets_gib=[0.5, 1, 2, 4, 8],
                 concurrency_requests=50_000, reps=3)
 SMOKE = dict(requests=6, prompt_range=[4, 12], output_range=[2, 8], d_model=64, head_dim=16, n_layer=1,
-             max_batch=4, page_size=8, prefill_chunk=16, budgets_gib=[0.0625, 0.125, 0.25],
+             max_batch=4, page_size=8, prefill_chunk=16, decode_steps=4, budgets_gib=[0.0625, 0.125, 0.25],
              concurrency_requests=5_000, reps=1)
 
 
@@ -70,6 +70,7 @@ def add_serve_bench_arguments(p: argparse.ArgumentParser, out_default: Optional[
     p.add_argument("--max-batch", type=pos, help="engine slots and padded batch size (default 8)")
     p.add_argument("--page-size", type=pos, help="tokens per page (default 16)")
     p.add_argument("--prefill-chunk", type=pos, help="engine prefill chunk (default 64)")
+    p.add_argument("--decode-steps", type=pos, help="engine decode steps per call while only decoding (default 8)")
     p.add_argument("--run-budget-mb", type=_budget, default=None,
                    help="page pool of the timed runs in MiB (default: max_batch mean requests of the largest cache)")
     p.add_argument("--concurrency-size", default="small", choices=("small", "medium", "large", "xl", "tiny", "mini"),

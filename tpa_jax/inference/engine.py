@@ -19,7 +19,10 @@ is a [1, chunk] call, several share one [max_batch, chunk] call -- and then runs
 all slots that are generating (a [max_batch, 1] call; idle rows read and write no page).  Every call
 has fixed shapes (slots, chunk, page table [rows, J] with J = max_len / page_size pages, the pool),
 so requests join and leave without recompiling: three programs per engine configuration, which
-:meth:`Engine.warmup` compiles ahead if asked.
+:meth:`Engine.warmup` compiles ahead if asked.  ``decode_steps`` > 1 adds a fourth, which runs that
+many decode steps in one call (an on-device loop feeding each token back) whenever only decoding is
+going on and no stop token can end a request early: the host then steps once per burst, as admitting
+a waiting request needs a running one to finish anyway and no request finishes inside a burst.
 
 Sampling follows ``tpa_jax.generate`` row by row: greedy at ``temperature < GREEDY_BELOW``, else
 softmax(logits / temperature) within ``top_k`` and ``top_p``, the i-th token drawn with
@@ -80,29 +83,46 @@ def _sample_row(logits_V: jax.Array, step: jax.Array, seed: jax.Array, temperatu
     return jnp.where(greedy, jnp.argmax(logits[0]), drawn).astype(jnp.int32)
 
 
-def _step_impl(params: Any, pool: dict, ints: jax.Array, floats: jax.Array, *, cfg: ModelConfig, t: int
-               ) -> tuple[jax.Array, dict]:
-    """One model call on the paged cache -- a prefill chunk (T tokens, ``valid`` of them real) or a
-    decode step (T = 1) -- and the next token of every row from its last real position.  Each row's
-    inputs arrive packed (two host-to-device copies per call instead of a dozen): ``ints`` [B, T + 7 + J]
-    = tokens, start, valid, step, seed bits, top_k, use_top_p, greedy, page table; ``floats`` [B, 2] =
-    temperature, top_p."""
-    tokens_BT, (start_B, valid_B, step_B, seed_B, top_k_B, use_top_p_B, greedy_B) = ints[:, :t], ints[:, t:t + 7].T
-    cache = {"lengths": start_B, "layers": pool, "page_table": ints[:, t + 7:]}
+def _forward(params: Any, pool: dict, tokens_BT: jax.Array, start_B: jax.Array, valid_B: jax.Array,
+             table_BJ: jax.Array, sampling: tuple, cfg: ModelConfig) -> tuple[jax.Array, dict]:
+    """One model call on the paged cache and every row's next token from its last real position."""
+    cache = {"lengths": start_B, "layers": pool, "page_table": table_BJ}
     logits_BTV, cache = logits_fn(cfg)(params, tokens_BT, cache=cache, valid_lengths=valid_B)
     last_BV = jnp.take_along_axis(logits_BTV, jnp.maximum(valid_B - 1, 0)[:, None, None], axis=1)[:, 0]
-    greedy = greedy_B.astype(bool)
-    sampling = (step_B, jax.lax.bitcast_convert_type(seed_B, jnp.uint32), floats[:, 0], top_k_B, floats[:, 1],
-                use_top_p_B.astype(bool), greedy)
     # greedy rows only (the usual case): skip the sort and nucleus of every row
-    token_B = jax.lax.cond(jnp.all(greedy), lambda: jnp.argmax(last_BV, axis=-1).astype(jnp.int32),
+    token_B = jax.lax.cond(jnp.all(sampling[-1]), lambda: jnp.argmax(last_BV, axis=-1).astype(jnp.int32),
                            lambda: jax.vmap(_sample_row)(last_BV, *sampling))
     return token_B, cache["layers"]
 
 
+def _step_impl(params: Any, pool: dict, ints: jax.Array, floats: jax.Array, n_steps: jax.Array, *,
+               cfg: ModelConfig, t: int, burst: int) -> tuple[jax.Array, dict]:
+    """A prefill chunk (T tokens, ``valid`` of them real) or ``n_steps <= burst`` decode steps (T = 1,
+    each token fed back), on the paged cache; returns the sampled tokens [B, burst] (the first
+    ``n_steps`` columns hold them).  Each row's inputs arrive packed (two host-to-device copies per
+    call instead of a dozen): ``ints`` [B, T + 7 + J] = tokens, start, valid, step, seed bits, top_k,
+    use_top_p, greedy, page table; ``floats`` [B, 2] = temperature, top_p."""
+    tokens_BT, (start_B, valid_B, step_B, seed_B, top_k_B, use_top_p_B, greedy_B) = ints[:, :t], ints[:, t:t + 7].T
+    table_BJ = ints[:, t + 7:]
+    fixed = (jax.lax.bitcast_convert_type(seed_B, jnp.uint32), floats[:, 0], top_k_B, floats[:, 1],
+             use_top_p_B.astype(bool), greedy_B.astype(bool))
+    if burst == 1:
+        token_B, pool = _forward(params, pool, tokens_BT, start_B, valid_B, table_BJ, (step_B, *fixed), cfg)
+        return token_B[:, None], pool
+
+    def body(i, carry):
+        pool, tok_B, start_B, out_BK = carry
+        tok_B, pool = _forward(params, pool, tok_B[:, None], start_B, valid_B, table_BJ, (step_B + i, *fixed), cfg)
+        return pool, tok_B, start_B + 1, out_BK.at[:, i].set(tok_B)
+
+    out_BK = jnp.zeros((tokens_BT.shape[0], burst), jnp.int32)
+    pool, _, _, out_BK = jax.lax.fori_loop(0, n_steps, body, (pool, tokens_BT[:, 0], start_B, out_BK))
+    return out_BK, pool
+
+
 @functools.cache
 def _step_jit(cfg: ModelConfig):
-    return jax.jit(functools.partial(_step_impl, cfg=cfg), static_argnames=("t",), donate_argnums=(1,),
+    return jax.jit(functools.partial(_step_impl, cfg=cfg), static_argnames=("t", "burst"), donate_argnums=(1,),
                    compiler_options=paged_compiler_options(cfg))
 
 
@@ -110,7 +130,8 @@ class Engine:
     """Continuous batching of requests over one paged cache (see the module docstring)."""
 
     def __init__(self, params: Any, cfg: ModelConfig, *, max_batch: int, page_size: int, num_pages: int,
-                 cache_dtype: Any = None, max_len: Optional[int] = None, prefill_chunk: int = 64) -> None:
+                 cache_dtype: Any = None, max_len: Optional[int] = None, prefill_chunk: int = 64,
+                 decode_steps: int = 1) -> None:
         def positive(name: str, value: Any) -> int:
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
                 raise ValueError(f"Engine: {name} must be an integer >= 1, got {value!r}")
@@ -118,6 +139,7 @@ class Engine:
 
         max_batch, num_pages = positive("max_batch", max_batch), positive("num_pages", num_pages)
         page_size, prefill_chunk = positive("page_size", page_size), positive("prefill_chunk", prefill_chunk)
+        self.decode_steps = positive("decode_steps", decode_steps)
         max_len = cfg.max_seq_len if max_len is None else positive("max_len", max_len)
         if max_len > cfg.max_seq_len:
             raise ValueError(f"Engine: max_len={max_len} exceeds the model's max_seq_len={cfg.max_seq_len}")
@@ -256,10 +278,13 @@ class Engine:
         ints = np.concatenate([tokens, np.asarray(cols, np.int32).T, table], axis=1)
         return ints, np.stack([np.asarray(temperature, np.float32), np.asarray(top_p, np.float32)], axis=1)
 
-    def _call(self, rows: Sequence[Optional[_Request]], *arrays: np.ndarray) -> np.ndarray:
-        """Run the step program on these rows (see :meth:`_pack`); returns their sampled tokens."""
-        out, self.pool = self._step(self.params, self.pool, *self._pack(rows, *arrays), t=arrays[0].shape[1])
-        return np.asarray(out)
+    def _call(self, rows: Sequence[Optional[_Request]], *arrays: np.ndarray, n_steps: int = 1) -> np.ndarray:
+        """Run a step program on these rows (see :meth:`_pack`); returns their sampled tokens [rows, n_steps]
+        (more than one step: decoding with the ``decode_steps`` program)."""
+        burst = 1 if n_steps == 1 else self.decode_steps
+        out, self.pool = self._step(self.params, self.pool, *self._pack(rows, *arrays), np.int32(n_steps),
+                                    t=arrays[0].shape[1], burst=burst)
+        return np.asarray(out)[:, :n_steps]
 
     def _emit(self, req: _Request, token: int, now: float, events: list) -> None:
         req.tokens.append(token)
@@ -271,7 +296,9 @@ class Engine:
 
     def step(self) -> list[tuple[int, int, bool]]:
         """Admit what fits, advance every prompt by one chunk, decode one token for every generating
-        request.  Returns this step's (request_id, token, finished) in order."""
+        request -- or, with ``decode_steps`` > 1 while no prompt is being read and no request has stop
+        tokens, up to that many (no more than any request has left, so none ends inside the call).
+        Returns this step's (request_id, token, finished) in order."""
         events: list[tuple[int, int, bool]] = []
         self._admit()
         running = [r for r in self._slots if r is not None]
@@ -280,7 +307,10 @@ class Engine:
         if prefilling:
             self._prefill(prefilling, events)
         if decoding:
-            self._decode(decoding, events)
+            n_steps = 1  # several only while nothing else waits on a step and no stop token can end one early
+            if self.decode_steps > 1 and not prefilling and not any(r.stops for r in decoding):
+                n_steps = min(self.decode_steps, min(r.max_new - len(r.tokens) for r in decoding))
+            self._decode(decoding, events, n_steps)
         self.stats["steps"] += 1
         self.stats["max_running"] = max(self.stats["max_running"], len(running))
         self.stats["pages_in_use"] = self._alloc.in_use
@@ -301,7 +331,7 @@ class Engine:
             self._grow(req, req.length + len(piece))
             rows[row], tokens[row, :len(piece)] = req, piece
             starts[row], valid[row], table[row] = req.length, len(piece), self._table[req.slot]
-        out = self._call(rows, tokens, starts, valid, table)
+        out = self._call(rows, tokens, starts, valid, table)[:, 0]
         now = time.perf_counter()
         self.stats["prefill_calls"] += 1
         for row, req in enumerate(rows):
@@ -313,28 +343,32 @@ class Engine:
     def warmup(self) -> None:
         """Compile (and run once, on rows that hold no page, so nothing changes) the engine's three
         programs -- decode, a one-prompt and a batched prefill chunk -- ahead of the first requests."""
-        for n_rows, t in ((self.max_batch, 1), (1, self.prefill_chunk), (self.max_batch, self.prefill_chunk)):
+        shapes = [(self.max_batch, 1, 1), (1, self.prefill_chunk, 1), (self.max_batch, self.prefill_chunk, 1)]
+        for n_rows, t, n_steps in shapes + ([(self.max_batch, 1, 2)] if self.decode_steps > 1 else []):
             table = empty_page_table(n_rows, self.pages_per_seq, self.num_pages)
             zeros = np.zeros((n_rows,), np.int32)
-            self._call([None] * n_rows, np.zeros((n_rows, t), np.int32), zeros, zeros + 1, table)
+            self._call([None] * n_rows, np.zeros((n_rows, t), np.int32), zeros, zeros + 1, table, n_steps=n_steps)
 
-    def _decode(self, decoding: list[_Request], events: list) -> None:
+    def _decode(self, decoding: list[_Request], events: list, n_steps: int) -> None:
+        """``n_steps`` tokens of every generating request in one call (each request has at least that
+        many left, so none finishes before the last)."""
         rows: list[Optional[_Request]] = [None] * self.max_batch
         tokens = np.zeros((self.max_batch, 1), np.int32)
         lengths = np.zeros((self.max_batch,), np.int32)
         table = empty_page_table(self.max_batch, self.pages_per_seq, self.num_pages)
         for req in decoding:
-            self._grow(req, req.length + 1)
+            self._grow(req, req.length + n_steps)
             rows[req.slot] = req
             tokens[req.slot, 0], lengths[req.slot] = req.tokens[-1], req.length
             table[req.slot] = self._table[req.slot]
         valid = np.ones((self.max_batch,), np.int32)
-        out = self._call(rows, tokens, lengths, valid, table)
+        out = self._call(rows, tokens, lengths, valid, table, n_steps=n_steps)
         now = time.perf_counter()
         self.stats["decode_calls"] += 1
-        for req in decoding:
-            req.length += 1
-            self._emit(req, int(out[req.slot]), now, events)
+        for i in range(n_steps):
+            for req in decoding:
+                req.length += 1
+                self._emit(req, int(out[req.slot, i]), now, events)
 
     def run_until_done(self) -> dict[int, list[int]]:
         """Step until no request waits or runs; returns every finished request's tokens by id."""

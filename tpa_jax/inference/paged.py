@@ -103,8 +103,9 @@ class PageAllocator:
 
 def max_concurrent(budget_bytes: int, cfg: ModelConfig, page_size: int, dtype: Any,
                    request_tokens: list[int], max_batch: Optional[int] = None) -> int:
-    """How many of ``request_tokens`` (each prompt + new tokens) run at once in a pool that fits
-    ``budget_bytes``, admitted first come first served with the engine's reservations."""
+    """How many requests run at once in a pool that fits ``budget_bytes``, admitted first come first
+    served as the engine admits them: ``request_tokens`` are the cache rows each reserves pages for
+    (the engine's: prompt + max_new_tokens - 1, since the last new token is never written back)."""
     num_pages = budget_bytes // page_bytes(cfg, page_size, dtype)
     need = [pages_for(n, page_size) for n in request_tokens]
     held = n = 0
