@@ -256,8 +256,8 @@ def run_serve_bench(*, mechanisms: Sequence[str] = MECHANISMS, cache_dtypes: Seq
                     requests: int = 32, prompt_range=(8, 96), output_range=(4, 64), seed: int = 0,
                     d_model: int = 256, head_dim: int = 64, n_layer: int = 2, dtype: str = "float32",
                     tpa_ranks=(6, 2, 2), gqa_groups: int = 2, max_batch: int = 8, page_size: int = 16,
-                    prefill_chunk: int = 64, decode_steps: int = 8, run_budget_bytes: Optional[int] = None, param_init: str = "fast",
-                    concurrency_size: str = "small", budgets_gib=(0.5, 1, 2, 4, 8),
+                    prefill_chunk: int = 64, decode_steps: int = 8, run_budget_bytes: Optional[int] = None,
+                    param_init: str = "fast", concurrency_size: str = "small", budgets_gib=(0.5, 1, 2, 4, 8),
                     concurrency_requests: int = 50_000, reps: int = 3, run: bool = True,
                     progress: bool = False) -> dict:
     """Every measurement of the module docstring, for each mechanism x cache dtype.

@@ -14,15 +14,16 @@ not ``max_batch * max_len``.  A request that could never fit (longer than ``max_
 pages than the pool has) is a one-line error at ``submit``.
 
 Each :meth:`Engine.step` admits what fits, advances every request still reading its prompt by one
-chunk of ``prefill_chunk`` tokens -- the last chunk also samples its first token; one such request
-is a [1, chunk] call, several share one [max_batch, chunk] call -- and then runs one decode step for
-all slots that are generating (a [max_batch, 1] call; idle rows read and write no page).  Every call
-has fixed shapes (slots, chunk, page table [rows, J] with J = max_len / page_size pages, the pool),
-so requests join and leave without recompiling: three programs per engine configuration, which
-:meth:`Engine.warmup` compiles ahead if asked.  ``decode_steps`` > 1 adds a fourth, which runs that
-many decode steps in one call (an on-device loop feeding each token back) whenever only decoding is
-going on and no stop token can end a request early: the host then steps once per burst, as admitting
-a waiting request needs a running one to finish anyway and no request finishes inside a burst.
+chunk of ``prefill_chunk`` tokens -- all of them in one [R, chunk] call, R the next power of two at
+or above their number; the last chunk also samples the first token -- and then runs one decode step
+for all slots that are generating (a [max_batch, 1] call; idle rows read and write no page).  Every
+call has one of a fixed set of shapes (rows, chunk, page table [rows, J] with J = max_len / page_size
+pages, the pool), so requests join and leave without recompiling: 2 + log2(max_batch) programs per
+engine, which :meth:`Engine.warmup` compiles ahead if asked.  ``decode_steps`` > 1 adds one that runs
+up to that many decode steps in one call (an on-device loop feeding each token back) whenever only
+decoding is going on and no stop token can end a request early: the host then steps once per burst,
+as admitting a waiting request needs a running one to finish anyway and no request finishes inside
+a burst.
 
 Sampling follows ``tpa_jax.generate`` row by row: greedy at ``temperature < GREEDY_BELOW``, else
 softmax(logits / temperature) within ``top_k`` and ``top_p``, the i-th token drawn with
@@ -307,7 +308,7 @@ class Engine:
         if prefilling:
             self._prefill(prefilling, events)
         if decoding:
-            n_steps = 1  # several only while nothing else waits on a step and no stop token can end one early
+            n_steps = 1  # several only while no prompt waits on the next step and no stop token can end one early
             if self.decode_steps > 1 and not prefilling and not any(r.stops for r in decoding):
                 n_steps = min(self.decode_steps, min(r.max_new - len(r.tokens) for r in decoding))
             self._decode(decoding, events, n_steps)
@@ -317,16 +318,15 @@ class Engine:
         return events
 
     def _prefill(self, reqs: list[_Request], events: list) -> None:
-        """One chunk of every prompt in ``reqs``: a [1, chunk] call for one, else one [max_batch, chunk]
-        call with the requests in their slots' rows (the other rows hold no page and write nothing)."""
-        c, one = self.prefill_chunk, len(reqs) == 1
-        n_rows = 1 if one else self.max_batch
+        """One chunk of every prompt in ``reqs`` in one [R, chunk] call, R the next power of two at or above
+        their count (at most ``max_batch``; the rows past them hold no page and write nothing)."""
+        c = self.prefill_chunk
+        n_rows = self._prefill_rows(len(reqs))
         rows: list[Optional[_Request]] = [None] * n_rows
         tokens = np.zeros((n_rows, c), np.int32)
         starts, valid = np.zeros((n_rows,), np.int32), np.zeros((n_rows,), np.int32)
         table = empty_page_table(n_rows, self.pages_per_seq, self.num_pages)
-        for req in reqs:
-            row = 0 if one else req.slot
+        for row, req in enumerate(reqs):
             piece = req.prompt[req.length:req.length + c]
             self._grow(req, req.length + len(piece))
             rows[row], tokens[row, :len(piece)] = req, piece
@@ -340,10 +340,15 @@ class Engine:
                 if req.length == len(req.prompt):
                     self._emit(req, int(out[row]), now, events)
 
+    def _prefill_rows(self, n: int) -> int:
+        return min(self.max_batch, 1 << (n - 1).bit_length())
+
     def warmup(self) -> None:
-        """Compile (and run once, on rows that hold no page, so nothing changes) the engine's three
-        programs -- decode, a one-prompt and a batched prefill chunk -- ahead of the first requests."""
-        shapes = [(self.max_batch, 1, 1), (1, self.prefill_chunk, 1), (self.max_batch, self.prefill_chunk, 1)]
+        """Compile (and run once, on rows that hold no page, so nothing changes) every program of the
+        engine -- decode, the decode burst, and prefill chunks of 1, 2, 4, ... prompts -- ahead of the
+        first requests."""
+        prefill_rows = sorted({self._prefill_rows(n) for n in range(1, self.max_batch + 1)})
+        shapes = [(self.max_batch, 1, 1)] + [(r, self.prefill_chunk, 1) for r in prefill_rows]
         for n_rows, t, n_steps in shapes + ([(self.max_batch, 1, 2)] if self.decode_steps > 1 else []):
             table = empty_page_table(n_rows, self.pages_per_seq, self.num_pages)
             zeros = np.zeros((n_rows,), np.int32)
