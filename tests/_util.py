@@ -92,3 +92,18 @@ def largest_intermediate(fn, *args, floating_only: bool = False):
 
     walk(jax.make_jaxpr(fn)(*args).jaxpr)
     return best
+
+
+def find_pallas_call(jaxpr):
+    """The pallas_call equation of a jaxpr, searched through nested jaxprs."""
+    stack = [jaxpr]
+    while stack:
+        for eqn in stack.pop().eqns:
+            if eqn.primitive.name == "pallas_call":
+                return eqn
+            for p in eqn.params.values():
+                for sub in p if isinstance(p, (tuple, list)) else (p,):
+                    inner = getattr(sub, "jaxpr", sub)
+                    if hasattr(inner, "eqns"):
+                        stack.append(inner)
+    raise AssertionError("no pallas_call in the jaxpr")

@@ -17,6 +17,8 @@ from tpa_jax.model.attention.kernels import flashtpa_decode_paged_pallas
 from tpa_jax.model.attention.kernels.flashtpa_paged_pallas import flashtpa_decode_paged_jnp, pool_page_index
 from tpa_jax.model.attention.quant import quantize
 
+from _util import find_pallas_call
+
 B, J, N = 4, 4, 13  # 4 sequences of up to 4 pages from a pool of 13 (never all used)
 KERNEL = "tpu_custom_call"
 
@@ -176,26 +178,12 @@ def _fn(ranks, interpret):
                            scales=None if a[9] is None else tuple(a[9]))
 
 
-def _find_pallas_call(jaxpr):
-    stack = [jaxpr]
-    while stack:
-        for eqn in stack.pop().eqns:
-            if eqn.primitive.name == "pallas_call":
-                return eqn
-            for p in eqn.params.values():
-                for sub in p if isinstance(p, (tuple, list)) else (p,):
-                    inner = getattr(sub, "jaxpr", sub)
-                    if hasattr(inner, "eqns"):
-                        stack.append(inner)
-    raise AssertionError("no pallas_call in the jaxpr")
-
-
 def test_grid_is_one_page_of_one_sequence_per_step():
     """Grid (B, J) with two scalar-prefetch arrays (lengths, page table); every pool block is one
     page [1, page_size, width] and every block respects TPU tiling."""
     ranks = (3, 2, 3, 34, 8, 6)
     structs = _structs(ranks, 16, jnp.float32, new_kv=True, int8=True)
-    eqn = _find_pallas_call(jax.make_jaxpr(_fn(ranks, False))(*structs).jaxpr)
+    eqn = find_pallas_call(jax.make_jaxpr(_fn(ranks, False))(*structs).jaxpr)
     grid_mapping = eqn.params["grid_mapping"]
     assert tuple(grid_mapping.grid) == (B, J) and grid_mapping.num_index_operands == 2
     n_pool = 0

@@ -16,6 +16,7 @@ from tpa_jax.model.attention.kernels import flashtpa_decode_pallas
 from tpa_jax.model.attention.kernels.flashtpa_pallas import kv_block_index
 from tpa_jax.model.attention.quant import quantize
 
+from _util import find_pallas_call
 from model_reference import tpa_attention
 
 B, S = 3, 37  # S is not a multiple of the block sizes below: the last block is partial
@@ -117,22 +118,6 @@ def test_kv_block_index_clamps_to_the_last_filled_block():
             assert int(kv_block_index(jnp.int32(i), jnp.int32(length), 8)) == expected, (i, length)
 
 
-def _find_pallas_call(jaxpr):
-    """The pallas_call equation of a jaxpr, searched through nested jaxprs."""
-    stack = [jaxpr]
-    while stack:
-        j = stack.pop()
-        for eqn in j.eqns:
-            if eqn.primitive.name == "pallas_call":
-                return eqn
-            for p in eqn.params.values():
-                for sub in p if isinstance(p, (tuple, list)) else (p,):
-                    inner = getattr(sub, "jaxpr", sub)
-                    if hasattr(inner, "eqns"):
-                        stack.append(inner)
-    raise AssertionError("no pallas_call in the jaxpr")
-
-
 @pytest.mark.parametrize("ranks, block", [((6, 2, 2, 47, 8, 6), 8), ((3, 3, 1, 78, 64, 64), 16)])
 def test_grid_blocks_respect_tpu_tiling_and_never_hold_the_whole_cache(ranks, block):
     """Grid (B, ceil(S / block)); every block's last two dims are multiples of (8, 128) or the full
@@ -140,7 +125,7 @@ def test_grid_blocks_respect_tpu_tiling_and_never_hold_the_whole_cache(ranks, bl
     rq, rk, rv, h, d, e = ranks
     sds = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in _inputs(0, *ranks)]
     fn = functools.partial(flashtpa_decode_pallas, block_size=block, interpret=False, **_kw(rq, rk, rv, d))
-    eqn = _find_pallas_call(jax.make_jaxpr(fn)(*sds, jax.ShapeDtypeStruct((B,), jnp.int32)).jaxpr)
+    eqn = find_pallas_call(jax.make_jaxpr(fn)(*sds, jax.ShapeDtypeStruct((B,), jnp.int32)).jaxpr)
     grid_mapping = eqn.params["grid_mapping"]
     assert tuple(grid_mapping.grid) == (B, -(-S // block)) and grid_mapping.num_index_operands == 1
     cache_widths = {rk * h, rk * d, rv * h, rv * e}
