@@ -116,7 +116,7 @@ def test_cli_bad_input_is_one_line_exit_2(argv, tmp_path, capsys):
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     out = tmp_path_factory.mktemp("serve")
-    assert main([*SMOKE_ARGS, "--reps", "1", "--out", str(out)]) == 0
+    assert main([*SMOKE_ARGS, "--reps", "1", "--mechanism", "tpa", "mha", "--out", str(out)]) == 0  # the goals' pair
     return out, json.loads((out / "serve_bench.json").read_text())
 
 
@@ -124,7 +124,7 @@ def test_smoke_runs_every_mechanism_and_dtype(smoke):
     out, r = smoke
     assert r["benchmark"] == "serving" and r["config"]["backend"] == "cpu"
     assert [(x["mechanism"], x["cache_dtype"]) for x in r["runs"]] == \
-        [(m, d) for m in ("tpa", "mha", "gqa", "mla") for d in ("bfloat16", "int8")]
+        [(m, d) for m in ("tpa", "mha") for d in ("bfloat16", "int8")]
     w = r["workload"]
     assert w["requests"] == SMOKE["requests"]
     for x in r["runs"]:
@@ -132,12 +132,14 @@ def test_smoke_runs_every_mechanism_and_dtype(smoke):
         for t in (e, p):
             assert t["generated_tokens"] == w["generated_tokens"] and t["compiles_during_timing"] == 0
             assert t["tokens_per_s"] == pytest.approx(t["generated_tokens"] / t["wall_s"], rel=1e-12)
-            assert len(t["times_s"]) == 2 and t["wall_s"] == pytest.approx(statistics.median(t["times_s"]))
+            assert len(t["times_s"]) == 1 and t["wall_s"] == pytest.approx(statistics.median(t["times_s"]))
         assert x["speedup"] == pytest.approx(e["tokens_per_s"] / p["tokens_per_s"], rel=1e-12)
         assert r["ratios"]["engine/padded"][f"{x['mechanism']}_{x['cache_dtype']}"] == x["speedup"]
         assert e["exact_lengths"] and x["greedy_matching_requests"] == w["requests"]
-        assert e["token_gap"]["n"] == 2 * (w["generated_tokens"] - w["requests"])  # pooled over the 2 passes
-        assert 0 < e["token_gap"]["p50_s"] <= e["token_gap"]["p99_s"] and e["first_token"]["n"] == 2 * w["requests"]
+        assert e["token_gap"]["n"] == w["generated_tokens"] - w["requests"]
+        # tokens of one decode burst come out together (gap 0), the burst after them later
+        assert 0 <= e["token_gap"]["p50_s"] <= e["token_gap"]["p99_s"] and e["token_gap"]["p99_s"] > 0
+        assert e["first_token"]["n"] == w["requests"]
         assert p["padded_tokens"] >= w["generated_tokens"] and p["cache_bytes_per_batch_max"] > 0
         # the pool of the run, and the engine admitted what max_concurrent predicts for it
         assert x["num_pages"] == r["config"]["run_budget_bytes"] // x["page_bytes"]
