@@ -35,7 +35,6 @@ on as if nothing happened.
 from __future__ import annotations
 
 import functools
-import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
@@ -66,8 +65,6 @@ class _Request:
     tokens: list = field(default_factory=list)
     slot: int = -1
     length: int = 0  # rows in the cache
-    arrived: float = 0.0
-    times: list = field(default_factory=list)  # when each token came out
 
 
 def _sample_row(logits_V: jax.Array, step: jax.Array, seed: jax.Array, temperature: jax.Array, top_k: jax.Array,
@@ -206,8 +203,7 @@ class Engine:
                     top_p is not None, greedy, np.uint32(seed))
         rid = self._next_id
         self._next_id += 1
-        req = _Request(rid, prompt, int(max_new_tokens), sampling, frozenset(stops.tolist()), need,
-                       arrived=time.perf_counter())
+        req = _Request(rid, prompt, int(max_new_tokens), sampling, frozenset(stops.tolist()), need)
         self._waiting.append(req)
         self._live[rid] = req
         return rid
@@ -287,9 +283,8 @@ class Engine:
                                     t=arrays[0].shape[1], burst=burst)
         return np.asarray(out)[:, :n_steps]
 
-    def _emit(self, req: _Request, token: int, now: float, events: list) -> None:
+    def _emit(self, req: _Request, token: int, events: list) -> None:
         req.tokens.append(token)
-        req.times.append(now)
         finished = len(req.tokens) >= req.max_new or token in req.stops
         events.append((req.rid, token, finished))
         if finished:
@@ -332,13 +327,12 @@ class Engine:
             rows[row], tokens[row, :len(piece)] = req, piece
             starts[row], valid[row], table[row] = req.length, len(piece), self._table[req.slot]
         out = self._call(rows, tokens, starts, valid, table)[:, 0]
-        now = time.perf_counter()
         self.stats["prefill_calls"] += 1
         for row, req in enumerate(rows):
             if req is not None:
                 req.length += int(valid[row])
                 if req.length == len(req.prompt):
-                    self._emit(req, int(out[row]), now, events)
+                    self._emit(req, int(out[row]), events)
 
     def _prefill_rows(self, n: int) -> int:
         return min(self.max_batch, 1 << (n - 1).bit_length())
@@ -368,12 +362,11 @@ class Engine:
             table[req.slot] = self._table[req.slot]
         valid = np.ones((self.max_batch,), np.int32)
         out = self._call(rows, tokens, lengths, valid, table, n_steps=n_steps)
-        now = time.perf_counter()
         self.stats["decode_calls"] += 1
         for i in range(n_steps):
             for req in decoding:
                 req.length += 1
-                self._emit(req, int(out[req.slot, i]), now, events)
+                self._emit(req, int(out[req.slot, i]), events)
 
     def run_until_done(self) -> dict[int, list[int]]:
         """Step until no request waits or runs; returns every finished request's tokens by id."""

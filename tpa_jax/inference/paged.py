@@ -94,9 +94,6 @@ class PageAllocator:
         self._reserved -= unused_reservation
         self._free.extend(pages)
 
-    def snapshot(self) -> tuple[int, int]:
-        return self.in_use, self._reserved
-
     def __repr__(self) -> str:
         return f"PageAllocator(num_pages={self.num_pages}, in_use={self.in_use}, reserved={self._reserved})"
 

@@ -222,9 +222,9 @@ def page_slots(page_table_BJ: jax.Array, rows_BT: jax.Array, page_size: int) -> 
 
 def page_rows(pool: jax.Array, pages: jax.Array) -> jax.Array:
     """``pool[pages]`` for a pool [N, page_size, ...] and page ids of any shape (a page past the pool
-    reads the last page: rows past a length are masked by every reader).  The gathered rows pass an
-    optimisation barrier: without it XLA's CPU backend moved a 16-bit pool's cast to float32 ahead of
-    the gather and out of the loops, converting the whole pool every step."""
+    reads the last page: rows past a length are masked by every reader).  A 16-bit pool is gathered
+    through its bits: XLA's CPU backend gathers 16-bit floats by converting the whole pool to float32
+    first, every step."""
     return _unbits(jnp.take(_bits(pool), pages, axis=0, mode="clip"), pool.dtype)
 
 

@@ -14,7 +14,8 @@ from jax.experimental.pallas import tpu as pltpu
 
 from tpa_jax.model.attention.flashtpa import flashtpa_decode
 from tpa_jax.model.attention.kernels import flashtpa_decode_paged_pallas
-from tpa_jax.model.attention.kernels.flashtpa_paged_pallas import flashtpa_decode_paged_jnp, pool_page_index
+from tpa_jax.model.attention.flashtpa_paged import flashtpa_decode_paged
+from tpa_jax.model.attention.kernels.flashtpa_paged_pallas import pool_page_index
 from tpa_jax.model.attention.quant import quantize
 
 from _util import find_pallas_call
@@ -106,7 +107,7 @@ def test_paged_kernel_matches_the_gathered_contiguous_cache(ranks, new_kv):
     if not new_kv:
         assert not np.any(np.asarray(o)[0])  # an empty sequence gives zeros
     # the jnp form (the non-TPU, non-CPU fallback) gives the same numbers
-    jnp_o = _run(*inputs, lengths, fn=jax.jit(flashtpa_decode_paged_jnp, static_argnames=tuple(kw)), **kw)
+    jnp_o = _run(*inputs, lengths, fn=jax.jit(flashtpa_decode_paged, static_argnames=tuple(kw)), **kw)
     np.testing.assert_allclose(np.asarray(jnp_o), ref, rtol=1e-5, atol=1e-5)
 
 

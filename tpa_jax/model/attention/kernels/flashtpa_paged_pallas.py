@@ -41,9 +41,10 @@ import jax.numpy as jnp
 from jax import lax
 
 from .. import flashtpa
+from ..flashtpa_paged import flashtpa_decode_paged
 from .flashtpa_pallas import _SUBLANES, by_platform, check_factors, decode_call, float_scales, lane_view
 
-__all__ = ["flashtpa_decode_paged_jnp", "flashtpa_decode_paged_pallas", "pool_page_index"]
+__all__ = ["flashtpa_decode_paged_pallas", "pool_page_index"]
 
 
 def pool_page_index(b: jax.Array, j: jax.Array, length: jax.Array, table: Any, *, pages_per_row: int,
@@ -55,27 +56,6 @@ def pool_page_index(b: jax.Array, j: jax.Array, length: jax.Array, table: Any, *
     last = jnp.maximum(lax.div(length + (page_size - 1), page_size) - 1, 0)
     entry = table[b * pages_per_row + jnp.minimum(j, last)]
     return jnp.clip(entry, 0, n_pages - 1)
-
-
-def _gather_pages(pool: jax.Array, table_BJ: jax.Array) -> jax.Array:
-    """Each sequence's pages of a pool [N, page_size, ...] as a contiguous cache [B, J page_size, ...]
-    (NO_PAGE entries clipped into the pool: their rows lie past the length and are masked)."""
-    pages = pool[jnp.clip(table_BJ, 0, pool.shape[0] - 1)]  # [B, J, page_size, ...]
-    return pages.reshape(table_BJ.shape[0], -1, *pool.shape[2:])
-
-
-def flashtpa_decode_paged_jnp(a_q_BPH: jax.Array, b_q_BPD: jax.Array, a_k_NPRH: jax.Array, b_k_NPRD: jax.Array,
-                              a_v_NPUH: jax.Array, b_v_NPUE: jax.Array, page_table_BJ: jax.Array, lengths_B: jax.Array,
-                              *, q_rank: int, k_rank: int, v_rank: int, scale: float, new_kv: Optional[tuple] = None,
-                              scales: Optional[tuple] = None) -> jax.Array:
-    """The paged decode in jnp, where no kernel is written (GPU): each sequence's pages gathered into a
-    contiguous cache [B, J page_size, ...] for ``flashtpa.flashtpa_decode``.  Same arguments and
-    result as :func:`flashtpa_decode_paged_pallas`; it copies the pages a batch holds, once per call."""
-    contiguous = [_gather_pages(x, page_table_BJ) for x in (a_k_NPRH, b_k_NPRD, a_v_NPUH, b_v_NPUE)]
-    cache_scales = None if scales is None else tuple(
-        None if sc is None else _gather_pages(sc, page_table_BJ) for sc in scales)
-    return flashtpa.flashtpa_decode(a_q_BPH, b_q_BPD, *contiguous, lengths_B, q_rank=q_rank, k_rank=k_rank,
-                                    v_rank=v_rank, scale=scale, new_kv=new_kv, scales=cache_scales)
 
 
 def _check_pool(kv: tuple, scales: Optional[tuple], table_BJ: jax.Array, batch: int) -> None:
@@ -129,6 +109,6 @@ def flashtpa_decode_paged_pallas(a_q_BPH: jax.Array, b_q_BPD: jax.Array, a_k_NPR
             quantized=scales is not None, out_dtype=flashtpa._out_dtype(a_v_NPUH, b_v_NPUE), interpret=interpret,
             name="flashtpa_decode_paged")
 
-    fallback = functools.partial(flashtpa_decode_paged_jnp, q_rank=q_rank, k_rank=k_rank, v_rank=v_rank,
+    fallback = functools.partial(flashtpa_decode_paged, q_rank=q_rank, k_rank=k_rank, v_rank=v_rank,
                                  scale=scale, new_kv=new_kv, scales=scales)
     return by_platform(call, fallback, (a_q_BPH, b_q_BPD, *kv, table_BJ, lengths_B), interpret)
