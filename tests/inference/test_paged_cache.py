@@ -12,7 +12,7 @@ import pytest
 from tpa_jax import accounting
 from tpa_jax.inference import init_cache
 from tpa_jax.inference.paged import PageAllocator, init_pool, max_concurrent, page_bytes, pages_for
-from tpa_jax.model.attention import quant
+from tpa_jax.model.attention import core, quant
 from tpa_jax.model.attention.flashtpa_paged import flashtpa_decode_paged
 
 from _util import cfg_of, init_params, tokens
@@ -55,8 +55,16 @@ def _explicit(a_q, b_q, pool, table, lengths, new=None, scale=0.4):
     return out
 
 
+@pytest.fixture(params=[8, 64], ids=["blocks_of_2_pages", "one_block"])
+def block_rows(request, monkeypatch):
+    """Paged decoding's rows per block (``core.PAGED_BLOCK_ROWS``): 8 = blocks of 2 pages (the 5-page table
+    widened to 6, several blocks merged), 64 = the whole table in one block."""
+    monkeypatch.setattr(core, "PAGED_BLOCK_ROWS", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("with_new", [False, True])
-def test_flashtpa_decode_paged_matches_the_explicit_softmax(with_new):
+def test_flashtpa_decode_paged_matches_the_explicit_softmax(with_new, block_rows):
     rng = np.random.default_rng(0)
     stored = [1, 13, 19]  # rows in the pool; 19 ends inside the last held page
     pool, table = _pool_and_table(rng, stored)
@@ -70,7 +78,7 @@ def test_flashtpa_decode_paged_matches_the_explicit_softmax(with_new):
     np.testing.assert_allclose(got, _explicit(a_q, b_q, pool, table, stored, new), rtol=2e-5, atol=2e-5)
 
 
-def test_flashtpa_decode_paged_int8_pool_dequantises_each_page():
+def test_flashtpa_decode_paged_int8_pool_dequantises_each_page(block_rows):
     rng = np.random.default_rng(1)
     stored = [6, 0, 17]
     pool, table = _pool_and_table(rng, stored, garbage=0.0)
@@ -109,7 +117,9 @@ def _paged_vs_contiguous(cfg, dtype, params):
 
 @pytest.mark.parametrize("name,dtype", [("tpa", "float32"), ("tpa", "int8"), ("tpa_kvonly", "float32"),
                                         ("tpa_shared_b", "float32"), ("gqa", "float32"), ("mla", "int8")])
-def test_paged_model_steps_equal_the_contiguous_cache(name, dtype):
+def test_paged_model_steps_equal_the_contiguous_cache(name, dtype, monkeypatch):
+    """Blocks of 2 pages (3 blocks over the 5-page table): every paged reader merges several blocks."""
+    monkeypatch.setattr(core, "PAGED_BLOCK_ROWS", 2 * PS)
     cfg = cfg_of(name)
     diff, paged, flat, table = _paged_vs_contiguous(cfg, dtype, init_params(cfg)[1])
     assert diff < 1e-4, diff

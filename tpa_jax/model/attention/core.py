@@ -11,7 +11,7 @@ import jax.numpy as jnp
 
 from ...config import ModelConfig
 from ..layers import RMSNorm, cast, param
-from .quant import store
+from .quant import dequantize_rows, store
 
 
 class CacheLeaf(NamedTuple):
@@ -232,6 +232,52 @@ def paged_rows(pool: jax.Array, page_table_BJ: jax.Array) -> jax.Array:
     """A pool [N, page_size, ...] read as each sequence's rows [B, J page_size, ...] (:func:`page_rows`)."""
     b, j = page_table_BJ.shape
     return page_rows(pool, page_table_BJ.reshape(-1)).reshape(b, j * pool.shape[1], *pool.shape[2:])
+
+
+PAGED_BLOCK_ROWS = 64  # about this many rows (whole pages) per block of a paged decode's loop
+
+
+def pages_per_block(page_size: int, table_pages: int) -> int:
+    """Pages a paged decode reads per block: about :data:`PAGED_BLOCK_ROWS` rows, at least one page."""
+    return max(1, min(table_pages, PAGED_BLOCK_ROWS // page_size))
+
+
+def table_blocks(page_table_BJ: jax.Array, per: int) -> jax.Array:
+    """The page table widened to a multiple of ``per`` columns (the new ones read page 0; every reader
+    masks rows past a length), so that block i is columns ``i per .. i per + per - 1``."""
+    extra = -page_table_BJ.shape[1] % per
+    return jnp.pad(page_table_BJ, ((0, 0), (0, extra))) if extra else page_table_BJ
+
+
+def block_rows(pool: jax.Array, table_BJ: jax.Array, i: jax.Array, per: int) -> jax.Array:
+    """Rows [B, per page_size, ...] of block ``i`` of each sequence: its pages ``i per ..`` gathered."""
+    pages_BP = jax.lax.dynamic_slice_in_dim(table_BJ, i * per, per, axis=1)
+    return page_rows(pool, pages_BP).reshape(table_BJ.shape[0], per * pool.shape[1], *pool.shape[2:])
+
+
+def is_paged(cache) -> bool:
+    """Whether ``cache`` is a layer of a paged cache (a :class:`LayerCache` with a page table)."""
+    return isinstance(cache, LayerCache) and cache.page_table is not None
+
+
+def paged_parts(cache: LayerCache, kv_len_B: jax.Array, attend_rows, dtype) -> tuple[jax.Array, jax.Array]:
+    """(o, lse) of one query per sequence over the rows ``s < kv_len_B[b]`` of a paged cache's layer,
+    read block by block up to the longest length (blocks of :func:`pages_per_block` pages): each
+    block's rows are gathered from the pool, an int8 block dequantised to ``dtype``, and handed to
+    ``attend_rows(rows, n_B)`` -> (o, lse) over the block's first ``n_B[b]`` rows; the blocks' parts
+    are merged by log-sum-exp.  No sequence's rows are gathered past its pages' blocks, and the
+    layer's rows are never dequantised whole."""
+    pool, table_BJ = cache.pages()
+    page_size = next(iter(pool.values())).shape[1]
+    per = pages_per_block(page_size, table_BJ.shape[1])
+    table_BJ, rows_per = table_blocks(table_BJ, per), per * page_size
+
+    def part(i: jax.Array) -> tuple[jax.Array, jax.Array]:
+        rows = dequantize_rows({name: block_rows(buf, table_BJ, i, per) for name, buf in pool.items()}, dtype)
+        return attend_rows(rows, jnp.clip(kv_len_B - i * rows_per, 0, rows_per))
+
+    n_blocks = (jnp.max(kv_len_B) + rows_per - 1) // rows_per
+    return jax.lax.fori_loop(1, n_blocks, lambda i, acc: merge_parts(*acc, *part(i)), part(jnp.int32(0)))
 
 
 def write_stack(layers: dict[str, jax.Array], new: dict[str, jax.Array], start_B: jax.Array,

@@ -61,7 +61,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from .blocked import varying_like
-from .core import attention_mask, filled_BS, merge_parts, page_rows, row_softmax
+from .core import attention_mask, block_rows, filled_BS, merge_parts, row_softmax
 from .quant import dequantize
 
 __all__ = ["flashtpa_decode", "flashtpa_decode_plain_q", "flashtpa_prefill", "flashtpa_prefill_plain_q"]
@@ -102,7 +102,8 @@ def _blocked_attention(a_q_BTPH: Optional[jax.Array], b_q_BTPD: jax.Array, a_k_B
 
     TPA-KVonly passes ``a_q_BTPH=None`` and its plain query [B, T, H, D] as ``b_q_BTPD``, with
     ``coef`` = scale / R_K.  ``scales``: an int8 cache's (see the module docstring), each block dequantised.
-    ``pages``: the factors are a paged pool [N, block, ...] and block i of row b is its page ``pages[b, i]``.
+    ``pages``: the factors are a paged pool [N, page_size, ...], ``block`` a multiple of page_size, and block i of
+    row b its pages ``pages[b, i k .. i k + k - 1]`` (k = block / page_size; J a multiple of k).
     """
     plain_q = a_q_BTPH is None
     batch, t = b_q_BTPD.shape[:2]
@@ -124,7 +125,7 @@ def _blocked_attention(a_q_BTPH: Optional[jax.Array], b_q_BTPD: jax.Array, a_k_B
         nominal = i * block
         start = jnp.minimum(nominal, s_len - block)  # clamped last block: no padded copy
         take = ((lambda x: lax.dynamic_slice_in_dim(x, start, block, axis=1)) if pages is None
-                else (lambda x: page_rows(x, pages[:, i])))
+                else (lambda x: block_rows(x, pages, i, block // x.shape[1])))
         a_k, b_k, a_v, b_v = _dequantized(take, (a_k_BSRH, b_k_BSRD, a_v_BSUH, b_v_BSUE), scales)
         key_positions_S = start + offsets_S
         new_S = key_positions_S >= nominal  # not already covered by the previous block
@@ -265,7 +266,8 @@ def _decode(a_q_BPH: Optional[jax.Array], b_q_BPD: jax.Array, kv: tuple, lengths
     """The two decode forms (query at ``lengths - 1``): o [B, H, E] float32.  With ``new_kv`` the cache
     holds the rows before the query's own token, whose factors come separately and join by
     log-sum-exp.  ``one_pass`` None: one pass on a CPU up to :data:`ONE_PASS_MAX_ROWS` rows, otherwise
-    the block loop.  ``pages``: ``kv`` is a paged pool read by the block loop, one page per block."""
+    the block loop.  ``pages``: ``kv`` is a paged pool read by the block loop, ``block_size`` rows (whole pages)
+    per block."""
     s_len = kv[0].shape[1]
     kv_len_B = lengths_B - 1 if new_kv is not None else lengths_B
     if one_pass is None:

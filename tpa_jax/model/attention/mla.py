@@ -12,7 +12,7 @@ Letters: C is either latent (d'_c or d_c, by the weight it meets), F = d^R_h, D 
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax
@@ -22,8 +22,8 @@ from ...config import ModelConfig
 from ...parallel import constrain
 from ..layers import RMSNorm, cast, fan_in_init, param
 from ..rope import Rope, apply_rope
-from .core import (AttentionMask, CacheLeaf, filled_BS, merge_parts, output_params, project_out, read_cache,
-                   row_softmax, write_cache)
+from .core import (AttentionMask, CacheLeaf, filled_BS, is_paged, merge_parts, output_params, paged_parts,
+                   project_out, read_cache, row_softmax, write_cache)
 from .context import context_size, expanded_partial, sharded_cache_attention, varying
 from .dispatch import attention_items
 from .quant import as_stored, dequantize_rows
@@ -74,28 +74,38 @@ class MLAttention(nn.Module):
         k_r_BTF = apply_rope(jnp.einsum("btm,mf->btf", x_BTM, self._w("w_kr")), *rope)
         return {"c_kv": c_kv_BTC, "k_r": k_r_BTF}
 
-    def absorbed_attention(self, q_c_BTHD: jax.Array, q_r_BTHF: jax.Array, rows: dict[str, jax.Array],
-                           start_B: jax.Array, new: dict[str, jax.Array]) -> jax.Array:
+    def absorbed_attention(self, q_c_BTHD: jax.Array, q_r_BTHF: jax.Array, cache: Any, start_B: jax.Array,
+                           new: dict[str, jax.Array]) -> jax.Array:
         """Decode with weight absorption (DeepSeek-V2): score and aggregate in the latent space, o [B, 1, H, E].
 
         q_C . k_C = (q_C W^UK^T) . c_KV, and sum_s p_s v_s = (sum_s p_s c_KV,s) W^UV, so the cached
         c_KV [S, d_c] is read as is and no per-head K or V is built: per cached token the cost is
-        h (2 d_c + d^R_h) instead of h d_c (d_h + d_v) for the up-projections alone.  ``rows`` are
-        the cache rows before the new token (``< start_B`` filled), whose own items ``new`` join
-        the softmax by log-sum-exp (``core.LayerCache``: the cache is written after it is read).
+        h (2 d_c + d^R_h) instead of h d_c (d_h + d_v) for the up-projections alone.  ``cache``: the
+        layer's cache, read before the new token is written (rows ``< start_B`` filled; a paged
+        one page by page, ``core.paged_parts``), or its rows {c_kv, k_r} [B, S, ...] as they are; the
+        token's own items ``new`` join the softmax by log-sum-exp (``core.LayerCache``).
         """
         cfg = self.cfg
-        q_lat_BHC = jnp.einsum("bhd,chd->bhc", q_c_BTHD[:, 0], self._w("w_uk")).astype(jnp.float32) * cfg.attn_scale
-        q_r_BHF = q_r_BTHF[:, 0].astype(jnp.float32) * cfg.attn_scale
-        c_kv_BSC, k_r_BSF = rows["c_kv"], rows["k_r"]
         f32 = jnp.float32
-        logits_BSH = (jnp.einsum("bsc,bhc->bsh", c_kv_BSC, q_lat_BHC.astype(c_kv_BSC.dtype), preferred_element_type=f32)
-                      + jnp.einsum("bsf,bhf->bsh", k_r_BSF, q_r_BHF.astype(k_r_BSF.dtype), preferred_element_type=f32))
-        filled_BS_ = filled_BS(start_B, jnp.arange(c_kv_BSC.shape[1], dtype=jnp.int32))
-        p_BSH, l_BH, lse_BH = row_softmax(logits_BSH, filled_BS_)  # rows past the length: p exactly 0
-        o_lat_BHC = jnp.einsum("bsh,bsc->bhc", p_BSH.astype(c_kv_BSC.dtype), c_kv_BSC,
-                               preferred_element_type=f32) / l_BH[..., None]
-        c_new_BC, k_r_new_BF = new["c_kv"][:, 0].astype(jnp.float32), new["k_r"][:, 0].astype(jnp.float32)
+        q_lat_BHC = jnp.einsum("bhd,chd->bhc", q_c_BTHD[:, 0], self._w("w_uk")).astype(f32) * cfg.attn_scale
+        q_r_BHF = q_r_BTHF[:, 0].astype(f32) * cfg.attn_scale
+
+        def attend(rows: dict[str, jax.Array], kv_len_B: jax.Array) -> tuple[jax.Array, jax.Array]:
+            c_kv_BSC, k_r_BSF = rows["c_kv"], rows["k_r"]
+            logits_BSH = (jnp.einsum("bsc,bhc->bsh", c_kv_BSC, q_lat_BHC.astype(c_kv_BSC.dtype),
+                                     preferred_element_type=f32)
+                          + jnp.einsum("bsf,bhf->bsh", k_r_BSF, q_r_BHF.astype(k_r_BSF.dtype),
+                                       preferred_element_type=f32))
+            filled_BS_ = filled_BS(kv_len_B, jnp.arange(c_kv_BSC.shape[1], dtype=jnp.int32))
+            p_BSH, l_BH, lse_BH = row_softmax(logits_BSH, filled_BS_)  # rows past the length: p exactly 0
+            o_lat_BHC = jnp.einsum("bsh,bsc->bhc", p_BSH.astype(c_kv_BSC.dtype), c_kv_BSC, preferred_element_type=f32)
+            return o_lat_BHC / l_BH[..., None], lse_BH
+
+        if is_paged(cache):
+            o_lat_BHC, lse_BH = paged_parts(cache, start_B, attend, cfg.compute_dtype)
+        else:  # an int8 cache: the layer's rows dequantised
+            o_lat_BHC, lse_BH = attend(dequantize_rows(read_cache(cache), cfg.compute_dtype), start_B)
+        c_new_BC, k_r_new_BF = new["c_kv"][:, 0].astype(f32), new["k_r"][:, 0].astype(f32)
         lse_new_BH = jnp.einsum("bhc,bc->bh", q_lat_BHC, c_new_BC) + jnp.einsum("bhf,bf->bh", q_r_BHF, k_r_new_BF)
         o_new_BHC = jnp.broadcast_to(c_new_BC[:, None], o_lat_BHC.shape)
         o_lat_BHC = merge_parts(o_lat_BHC, lse_BH, o_new_BHC, lse_new_BH)[0]
@@ -110,10 +120,9 @@ class MLAttention(nn.Module):
         q_c_BTHD, q_r_BTHF = self.queries(x_BTM, rope)
         if (cache is not None and x_BTM.shape[1] == 1 and cfg.decode_impl != "materialize"
                 and context_size() == 1):  # absorbed decode: read the rows, then write the token (in place)
-            stored = read_cache(cache)
-            rows = dequantize_rows(stored, cfg.compute_dtype)  # an int8 cache: the layer's rows dequantised
+            stored = cache.pages()[0] if is_paged(cache) else read_cache(cache)
             new = as_stored(items, stored, cfg.compute_dtype)  # as the cache will hold them
-            o_B1HE = self.absorbed_attention(q_c_BTHD, q_r_BTHF, rows, start_B, new)
+            o_B1HE = self.absorbed_attention(q_c_BTHD, q_r_BTHF, cache, start_B, new)
             return project_out(cfg, o_B1HE, self.w_o, self.out_norm), write_cache(cache, items, start_B)
         if cache is not None:
             cache = write_cache(cache, items, start_B)

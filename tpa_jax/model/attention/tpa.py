@@ -34,7 +34,7 @@ from ..layers import cast, param, uniform_init
 from ..rope import Rope, apply_rope
 from . import flashtpa
 from .context import context_size, sharded_cache_attention, varying
-from .core import AttentionMask, CacheLeaf, LayerCache, output_params, project_out, read_cache, write_cache
+from .core import AttentionMask, CacheLeaf, is_paged, output_params, project_out, read_cache, write_cache
 from .flashtpa_paged import flashtpa_decode_paged
 from .dispatch import attention_items
 from .kernels import flashtpa_decode_paged_pallas, flashtpa_decode_pallas
@@ -320,7 +320,7 @@ class TPAttention(nn.Module):
         items = self.kv_items(x_BTM, rope)
         one_token = x_BTM.shape[1] == 1 and cfg.decode_impl in ("flash", "pallas") and context_size() == 1
         if cache is not None and one_token:  # Alg. 2: read the rows, then write the token (in place)
-            paged = isinstance(cache, LayerCache) and cache.page_table is not None and self.reads_pages(cfg)
+            paged = is_paged(cache) and self.reads_pages(cfg)
             rows, pages = cache.pages() if paged else (read_cache(cache), None)
             new = as_stored(items, rows, cfg.compute_dtype)  # as the cache will hold them
             o_BTM = self.flash_attention(x_BTM, rope, key_rope, rows, start_B, new_items=new, page_table=pages)
