@@ -19,7 +19,7 @@ from tpa_jax.train import checkpoint as ckpt
 from tpa_jax.train import guard
 from tpa_jax.train.metrics import read_metrics
 
-from _train_util import LR, MIN_LR, STEPS, WARMUP, make_cfg
+from _train_util import LR, MIN_LR, STEPS, WARMUP, losses, make_cfg
 from test_checkpoint import corrupt, state_at
 
 
@@ -196,14 +196,21 @@ def test_nan_stop_with_params_blown_up_at_once_saves_nothing(tmp_path, corpus):
 
 
 def test_nan_stop_names_a_finite_checkpoint(tmp_path, corpus):
+    """A non-finite loss stops the run, keeps the good checkpoints before it (their losses finite) and
+    names the last one, whose params are truly finite."""
     cfg = make_cfg(tmp_path, corpus, steps=30, save_every=1, keep=50,
                    optim=OptimConfig(lr=1e30, min_lr=0.0, warmup_steps=0, grad_clip=0.0))
-    with pytest.raises(NonFiniteLossError, match="last good checkpoint: step") as e:
+    with pytest.raises(NonFiniteLossError, match="non-finite (loss|gradient norm|params) at step") as e:
         train(cfg, progress=False)
+    assert "last good checkpoint: step" in str(e.value)
     named = re.search(r"last good checkpoint: step (\d+)", str(e.value))
     mngr = ckpt.manager(tmp_path / "checkpoints", read_only=True)
+    steps = mngr.all_steps()
+    assert steps, "the good checkpoints before the failure are kept"
+    ls = losses(tmp_path)
+    assert all(np.isfinite(ls[s]) for s in steps if s in ls)
     step = int(named.group(1))
-    assert mngr.all_steps()[-1] == step
+    assert steps[-1] == step
     meta = ckpt.restore_meta(mngr, step)
     out = mngr.restore(step, args=ckpt.ocp.args.Composite(state=ckpt.ocp.args.StandardRestore()))
     assert meta["step"] == step
