@@ -11,6 +11,7 @@ import pytest
 
 import tpa_jax
 from tpa_jax import configs
+from tpa_jax.config import MeshConfig
 from tpa_jax.eval.cache_quality import cache_quality, decode_logits
 from tpa_jax.eval.perplexity import perplexity
 from tpa_jax.train import train
@@ -24,7 +25,9 @@ BATCHES = 2
 def trained_mla(tmp_path_factory, corpus):
     run = tmp_path_factory.mktemp("mla")
     model = configs.get("mla-tiny", compute_dtype="float32", max_seq_len=64)
-    train(make_cfg(run, corpus, model=model, steps=16, save_every=16), progress=False)
+    # one device: no collectives each step (tpa_jax.load restores it as it would an 8-device run)
+    train(make_cfg(run, corpus, model=model, steps=16, save_every=16, mesh=MeshConfig(1, 1, 1)),
+          devices=jax.devices()[:1], progress=False)
     return run
 
 
