@@ -1,7 +1,8 @@
 """Serving benchmark: the workload, the concurrency figures against an independent count (cache
 bytes per token written out from each config's shapes), the headline ratios, the figure, and the
-smoke run end to end through ``eval.py serve-bench`` (engine against padded generate: tokens/s,
-latencies, exact lengths, the same greedy tokens, admission as predicted, no compile while timed)."""
+smoke run end to end through ``bench/serve.py`` (engine against padded generate: tokens/s, latencies,
+exact lengths, the same greedy tokens, admission as predicted, no compile while timed; one JSON object
+on stdout); ``eval.py serve-bench`` runs the same code (its --no-run path and bad input are tested)."""
 import json
 import math
 import os
@@ -115,13 +116,20 @@ def test_cli_bad_input_is_one_line_exit_2(argv, tmp_path, capsys):
 # ---------------------------------------------------------------------------------------------- smoke run
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
+    """One smoke run of the goals' pair (TPA, MHA) through the script ``bench/serve.py`` (the same
+    ``run_serve_bench_args`` as ``eval.py serve-bench``, whose own path the --no-run test runs):
+    (out dir, the JSON written there, the script's stdout)."""
     out = tmp_path_factory.mktemp("serve")
-    assert main([*SMOKE_ARGS, "--reps", "1", "--mechanism", "tpa", "mha", "--out", str(out)]) == 0  # the goals' pair
-    return out, json.loads((out / "serve_bench.json").read_text())
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    cmd = [sys.executable, os.path.join(ROOT, "bench", "serve.py"), *SMOKE_ARGS[1:], "--reps", "1",
+           "--mechanism", "tpa", "mha", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, json.loads((out / "serve_bench.json").read_text()), proc.stdout
 
 
 def test_smoke_runs_every_mechanism_and_dtype(smoke):
-    out, r = smoke
+    out, r, _ = smoke
     assert r["benchmark"] == "serving" and r["config"]["backend"] == "cpu"
     assert [(x["mechanism"], x["cache_dtype"]) for x in r["runs"]] == \
         [(m, d) for m in ("tpa", "mha") for d in ("bfloat16", "int8")]
@@ -150,24 +158,22 @@ def test_smoke_runs_every_mechanism_and_dtype(smoke):
 
 
 def test_smoke_goals_are_the_ratios(smoke):
-    _, r = smoke
+    _, r, _ = smoke
     assert set(r["goals"]) == {"tpa_bf16/mha_bf16", "tpa_int8/mha_bf16", "engine/padded"}
     assert r["goals"]["engine/padded"]["value"] == min(r["ratios"]["engine/padded"].values())
     for g in r["goals"].values():
         assert math.isfinite(g["value"]) and g["met"] == (g["value"] >= g["goal"])
 
 
-@pytest.mark.slow
-def test_bench_script_prints_one_json_object(tmp_path):
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    cmd = [sys.executable, os.path.join(ROOT, "bench", "serve.py"), "--smoke", "--quiet", "--mechanism", "tpa",
-           "--cache-dtype", "int8", "--out", str(tmp_path)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(proc.stdout)
-    assert [(x["mechanism"], x["cache_dtype"]) for x in out["runs"]] == [("tpa", "int8")]
-    assert json.loads((tmp_path / "serve_bench.json").read_text()) == out
-    _check_png(tmp_path / "serve_bench.png")
+def test_bench_script_prints_one_json_object(smoke):
+    """bench/serve.py prints exactly one JSON object on stdout: the result it writes, for the
+    mechanisms asked for (the smoke fixture's run)."""
+    out, r, stdout = smoke
+    printed = json.loads(stdout)
+    assert [(x["mechanism"], x["cache_dtype"]) for x in printed["runs"]] == \
+        [(m, d) for m in ("tpa", "mha") for d in ("bfloat16", "int8")]
+    assert printed == r
+    _check_png(out / "serve_bench.png")
 
 
 def test_plot_draws_one_line_per_mechanism_and_dtype(tmp_path, monkeypatch):
