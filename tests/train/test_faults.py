@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from tpa_jax.config import OptimConfig
+from tpa_jax.config import MeshConfig, OptimConfig
 from tpa_jax.train import NonFiniteLossError, RunLockedError, train
 from tpa_jax.train import checkpoint as ckpt
 from tpa_jax.train import guard
@@ -121,14 +121,16 @@ def test_resume_with_changed_optimiser_and_steps(tmp_path, corpus, straight, cap
 
 
 def test_corrupt_newest_step_is_quarantined_and_metrics_hold_each_step_once(tmp_path, corpus, caplog):
-    cfg = make_cfg(tmp_path, corpus, steps=12, save_every=4, eval_every=3)
-    first = train(cfg, progress=False, stop_at_step=10)
+    # one device: the mesh plays no part here, and each step then runs no collectives
+    cfg = make_cfg(tmp_path, corpus, steps=12, save_every=4, eval_every=3, mesh=MeshConfig(1, 1, 1))
+    one = jax.devices()[:1]
+    first = train(cfg, devices=one, progress=False, stop_at_step=10)
     mngr = ckpt.manager(tmp_path / "checkpoints", read_only=True)
     assert first["interrupted"] and mngr.all_steps() == [4, 8, 10]
     mngr.close()
     corrupt(tmp_path / "checkpoints" / "10")
 
-    resumed = train(cfg, progress=False)
+    resumed = train(cfg, devices=one, progress=False)
     assert resumed["start_step"] == 8 and resumed["step"] == 12
     moved = os.listdir(tmp_path / "checkpoints" / "quarantine")
     assert len(moved) == 1 and re.fullmatch(r"10-\d{8}T\d{6}Z", moved[0])
@@ -147,7 +149,7 @@ def test_corrupt_newest_step_is_quarantined_and_metrics_hold_each_step_once(tmp_
     val_steps = [r["step"] for r in recs if "val_loss" in r]
     assert val_steps == [0, 3, 6, 9, 12] and not os.path.exists(tmp_path / "metrics.jsonl.tmp")
 
-    again = train(cfg, progress=False)  # the finished run, run again: nothing trained, nothing written twice
+    again = train(cfg, devices=one, progress=False)  # the finished run, run again: nothing trained, nothing written twice
     assert again["start_step"] == again["step"] == 12 and math.isfinite(again["val_loss"])
     assert read_metrics(tmp_path) == recs
 
