@@ -15,13 +15,18 @@ from tpa_jax.train.cli import main
 from _util import ROOT
 
 
+# the CLI run on one CPU device (not the tests' 8 fake ones): the mesh plays no part in what is checked,
+# and a step then runs no collectives
+ONE_DEVICE = dict(os.environ, XLA_FLAGS=os.environ["XLA_FLAGS"].replace("device_count=8", "device_count=1"))
+
+
 def test_cli_trains_saves_and_writes_config(tmp_path, corpus):
     run = tmp_path / "run"
     proc = subprocess.run(
         [sys.executable, os.path.join(ROOT, "train.py"), "--no-progress", f"run_dir={run}", "steps=4",
          "batch_size=4", "data.source=manifest", f"data.path={corpus}", "data.seq_len=32", "sample_tokens=8",
          "eval_batches=1"],
-        capture_output=True, text=True, timeout=600, cwd=ROOT)
+        capture_output=True, text=True, timeout=600, cwd=ROOT, env=ONE_DEVICE)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "val_loss" in proc.stdout and "sample (greedy)" in proc.stdout
     saved = json.load(open(run / "config.json"))
@@ -29,7 +34,7 @@ def test_cli_trains_saves_and_writes_config(tmp_path, corpus):
     meta = ckpt.restore_meta(ckpt.manager(run / "checkpoints", read_only=True), 4)
     assert meta["config"]["steps"] == 4 and meta["tokenizer"]["name"] == "byte"
     bad = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "data.seq_len=100000"],
-                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+                         capture_output=True, text=True, timeout=300, cwd=ROOT, env=ONE_DEVICE)
     assert bad.returncode == 2 and "seq_len" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
 
 
