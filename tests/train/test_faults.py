@@ -149,7 +149,7 @@ def test_corrupt_newest_step_is_quarantined_and_metrics_hold_each_step_once(tmp_
     val_steps = [r["step"] for r in recs if "val_loss" in r]
     assert val_steps == [0, 3, 6, 9, 12] and not os.path.exists(tmp_path / "metrics.jsonl.tmp")
 
-    again = train(cfg, devices=one, progress=False)  # the finished run, run again: nothing trained, nothing written twice
+    again = train(cfg, devices=one, progress=False)  # the finished run again: nothing trained, nothing written twice
     assert again["start_step"] == again["step"] == 12 and math.isfinite(again["val_loss"])
     assert read_metrics(tmp_path) == recs
 
