@@ -56,11 +56,13 @@ def tpa_attention(a_q, b_q, a_k, b_k, a_v, b_v, *, q_rank, k_rank, v_rank, scale
 
 
 def init_layer(module_cls, cfg, randomize=True, seed=0):
-    """One attention layer's parameters as float64 NumPy, initialised eagerly (no model compile);
+    """One attention layer's parameters as float64 NumPy (one jitted init of the layer alone, no model);
     with ``randomize`` the zero-initialised W_O gets random values so the tests can see it."""
     index = jnp.arange(2)
-    boxed = module_cls(cfg).init(jax.random.key(seed), jnp.zeros((1, 2, cfg.d_model)),
-                                 rope_tables(index[None], cfg.rope_dim), AttentionMask())["params"]
+    # one compiled program (eager init compiles every small op separately, which is far slower)
+    boxed = jax.jit(lambda key: module_cls(cfg).init(key, jnp.zeros((1, 2, cfg.d_model)),
+                                                     rope_tables(index[None], cfg.rope_dim),
+                                                     AttentionMask())["params"])(jax.random.key(seed))
     p = jax.tree.map(lambda a: np.asarray(a, np.float64), nn.meta.unbox(boxed))
     if randomize:
         p["w_o"] = 0.3 * np.random.default_rng(seed + 7).standard_normal(p["w_o"].shape)
