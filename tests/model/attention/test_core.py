@@ -2,6 +2,7 @@
 attention, the output projection with its per-head norm, and the cache write."""
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -16,7 +17,7 @@ def test_mask_rule():
     q_pos = np.array([[0, 2, 5], [3, 4, 6]])
     lens = np.array([4, 7])
     keys = np.arange(8)
-    got = np.asarray(attention_mask(jnp.asarray(q_pos), jnp.asarray(lens), jnp.asarray(keys)))
+    got = np.asarray(jax.jit(attention_mask)(jnp.asarray(q_pos), jnp.asarray(lens), jnp.asarray(keys)))
     assert got.shape == (2, 3, 8)
     for b in range(2):
         for t in range(3):
@@ -30,7 +31,8 @@ def test_attend_gqa_against_loops():
     q, k, v = rng.standard_normal((b, t, h, d)), rng.standard_normal((b, s, kv, d)), rng.standard_normal((b, s, kv, e))
     mask = rng.random((b, t, s)) < 0.7
     mask[..., 0] = True
-    got = np.asarray(attend(*(jnp.asarray(a, jnp.float32) for a in (q, k, v)), scale=0.3, mask_BTS=jnp.asarray(mask)))
+    run = jax.jit(lambda q_, k_, v_, m_: attend(q_, k_, v_, scale=0.3, mask_BTS=m_))  # one program, not eager ops
+    got = np.asarray(run(*(jnp.asarray(a, jnp.float32) for a in (q, k, v)), jnp.asarray(mask)))
     for bi in range(b):
         for ti in range(t):
             for hi in range(h):
@@ -47,12 +49,13 @@ def test_project_out_with_per_head_norm():
     h, e, m = 3, 4, 5
     o, w_o, gain = rng.standard_normal((2, 6, h, e)), rng.standard_normal((h, e, m)), rng.standard_normal(e)
     norm = RMSNorm(cfg, e, 0.1, True, "value_dim")
-    got = norm.apply({"params": {"scale": jnp.asarray(gain, jnp.float32)}}, jnp.asarray(o, jnp.float32),
-                     method=lambda mod, x: project_out(cfg, x, jnp.asarray(w_o, jnp.float32), mod))
+    got = jax.jit(lambda g_, o_, w_: norm.apply({"params": {"scale": g_}}, o_,
+                                                 method=lambda mod, x: project_out(cfg, x, w_, mod)))(
+        jnp.asarray(gain, jnp.float32), jnp.asarray(o, jnp.float32), jnp.asarray(w_o, jnp.float32))
     normed = o / np.sqrt((o ** 2).mean(-1, keepdims=True) + 0.1) * gain
     want = sum(normed[:, :, i] @ w_o[i] for i in range(h))
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-    plain = project_out(cfg, jnp.asarray(o, jnp.float32), jnp.asarray(w_o, jnp.float32))
+    plain = jax.jit(lambda o_, w_: project_out(cfg, o_, w_))(jnp.asarray(o, jnp.float32), jnp.asarray(w_o, jnp.float32))
     np.testing.assert_allclose(plain, sum(o[:, :, i] @ w_o[i] for i in range(h)), rtol=1e-5, atol=1e-5)
 
 
@@ -61,8 +64,8 @@ def test_write_cache_at_per_sequence_rows():
     cache = {"a": np.zeros((2, 7, 3)), "b": np.zeros((2, 7))}
     items = {"a": rng.standard_normal((2, 2, 3)), "b": rng.standard_normal((2, 2))}
     start = np.array([0, 4])
-    got = write_cache({k: jnp.asarray(v, jnp.float32) for k, v in cache.items()},
-                      {k: jnp.asarray(v, jnp.float32) for k, v in items.items()}, jnp.asarray(start))
+    got = jax.jit(write_cache)({k: jnp.asarray(v, jnp.float32) for k, v in cache.items()},
+                               {k: jnp.asarray(v, jnp.float32) for k, v in items.items()}, jnp.asarray(start))
     for name in cache:
         want = cache[name].copy()
         for b in range(2):

@@ -1,7 +1,9 @@
 """tpa_jax.model.attention.tpa: the TPA layer and its variants against the paper's equations
 written as explicit, slow float64 NumPy (eqs. 3.1-3.5, Theorems 3.1 and C.1), and its initialisers."""
 import dataclasses
+import functools
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -94,6 +96,14 @@ def test_eq31_contraction_is_sum_of_outer_products(n):
             np.testing.assert_allclose(got[bi, t], want, rtol=1e-5, atol=1e-6)
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _factors(cfg, p, x, rope, identity):
+    """The layer's factors with RoPE and with the identity rotation (one compiled program, not eager ops)."""
+    mod = TPAttention(cfg)
+    return (mod.apply({"params": p}, x, rope, method=TPAttention.factors),
+            mod.apply({"params": p}, x, identity, method=TPAttention.factors))
+
+
 def test_theorem_3_1_rotate_factors_equals_rotate_query():
     cfg = cfg_of("tpa")
     p = as_f32(init_layer(cfg))
@@ -102,9 +112,7 @@ def test_theorem_3_1_rotate_factors_equals_rotate_query():
     pos = jnp.arange(t_len)[None]
     rope = rope_tables(pos, cfg.head_dim)
     identity = (jnp.ones_like(rope[0]), jnp.zeros_like(rope[1]))
-    mod = TPAttention(cfg)
-    f_rot = mod.apply({"params": p}, x, rope, method=TPAttention.factors)
-    f_raw = mod.apply({"params": p}, x, identity, method=TPAttention.factors)
+    f_rot, f_raw = _factors(cfg, p, x, rope, identity)
     for n, r in (("q", cfg.q_rank), ("k", cfg.k_rank)):
         rotated_then_contracted = contract(n, f_rot[f"a_{n}"], f_rot[f"b_{n}"], r)
         contracted_then_rotated = apply_rope(contract(n, f_raw[f"a_{n}"], f_raw[f"b_{n}"], r), *rope)
@@ -131,9 +139,7 @@ def test_theorem_c1_third_order_rope():
     x = jnp.asarray(rng.standard_normal((1, 7, cfg.d_model)), jnp.float32)
     rope = rope_tables(jnp.arange(7)[None], cfg.rope_dim)
     identity = (jnp.ones_like(rope[0]), jnp.zeros_like(rope[1]))
-    mod = TPAttention(cfg)
-    f_rot = mod.apply({"params": p}, x, rope, method=TPAttention.factors)
-    f_raw = mod.apply({"params": p}, x, identity, method=TPAttention.factors)
+    f_rot, f_raw = _factors(cfg, p, x, rope, identity)
     q_rot = np.asarray(contract("q", f_rot["a_q"], f_rot["b_q"], cfg.q_rank))[0]
     q_raw = np.asarray(contract("q", f_raw["a_q"], f_raw["b_q"], cfg.q_rank))[0]
     for t in range(7):
