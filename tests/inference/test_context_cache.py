@@ -28,7 +28,8 @@ def cfg_of(name, **kw):
 def setup(name):
     cfg = cfg_of(name)
     params = tpa_jax.init_params(cfg, jax.random.key(0))
-    params = jax.tree.map(lambda p: p + 0.02 * jax.random.normal(jax.random.key(3), p.shape, p.dtype), params)
+    noise = lambda p: p + 0.02 * jax.random.normal(jax.random.key(3), p.shape, p.dtype)
+    params = jax.jit(lambda ps: jax.tree.map(noise, ps))(params)  # one program, not one per leaf shape
     rng = np.random.default_rng(0)
     prompts = rng.integers(0, cfg.vocab_size, (len(LENGTHS), max(LENGTHS)))
     steps = rng.integers(0, cfg.vocab_size, (3, len(LENGTHS), 1))

@@ -24,7 +24,7 @@ def _cfg(mechanism):
 
 def _constraints(cfg):
     """(shape, per-dimension mesh axes) of every sharding constraint in the lowered forward."""
-    params = tpa_jax.init_params(cfg, jax.random.key(0))
+    params = jax.eval_shape(lambda: tpa_jax.init_params(cfg, jax.random.key(0)))  # only lowered: no init to run
     tokens = jnp.zeros((BATCH, SEQ), jnp.int32)
     with jax.set_mesh(parallel.make_mesh(2, 2, 2)):
         text = jax.jit(tpa_jax.logits_fn(cfg)).lower(params, tokens).as_text()
@@ -83,14 +83,16 @@ def test_mla_latents_are_pinned():
 def test_sharded_gradients_equal_one_device(mechanism):
     cfg = _cfg(mechanism)
     params = tpa_jax.init_params(cfg, jax.random.key(1))
-    params = jax.tree.map(lambda p: p + 0.02 * jax.random.normal(jax.random.key(2), p.shape, p.dtype), params)
+    noise = lambda p: p + 0.02 * jax.random.normal(jax.random.key(2), p.shape, p.dtype)
+    params = jax.jit(lambda ps: jax.tree.map(noise, ps))(params)  # one program, not one per leaf shape
     rng = np.random.default_rng(0)
     tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (BATCH, SEQ + 1)), jnp.int32)
     grad = jax.jit(jax.grad(tpa_jax.loss_fn(cfg)))
     ref = grad(params, tokens[:, :-1], tokens[:, 1:])
     mesh = parallel.make_mesh(2, 2, 2)
     with jax.set_mesh(mesh):
-        layout = jax.tree.map(lambda x: x.sharding, tpa_jax.init_params(cfg, jax.random.key(0), mesh))
+        # the shardings init_params(cfg, key, mesh) gives, without compiling a sharded init
+        layout = jax.tree.map(lambda x: x.sharding, tpa_jax.model.abstract_params(cfg, mesh))
         sharded = jax.device_put(params, layout)
         assert any(len(x.sharding.device_set) == 8 and not x.sharding.is_fully_replicated
                    for x in jax.tree_util.tree_leaves(sharded))

@@ -46,7 +46,8 @@ def setup(variant):
     row's length, as packed or padded batches give) and explicit positions starting at 3."""
     cfg = cfg_of(variant)
     params = tpa_jax.init_params(cfg, jax.random.key(1))
-    params = jax.tree.map(lambda p: p + 0.02 * jax.random.normal(jax.random.key(2), p.shape, p.dtype), params)
+    noise = lambda p: p + 0.02 * jax.random.normal(jax.random.key(2), p.shape, p.dtype)
+    params = jax.jit(lambda ps: jax.tree.map(noise, ps))(params)  # one program, not one per leaf shape
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, cfg.vocab_size, (BATCH, SEQ + 1))
     targets = tokens[:, 1:].copy()
@@ -170,13 +171,13 @@ def test_blocked_lse_equals_dense_with_gradients():
 
     ours = lambda q, k, v: blocked.blocked_attention_lse(q, k, v, q_index, kv_len, scale=0.3, block_size=8)
     ref = lambda q, k, v: dense_lse(q, k, v, q_index, kv_len, 0.3)
-    (o, lse), (o_r, lse_r) = jax.jit(ours)(q, k, v), ref(q, k, v)
+    (o, lse), (o_r, lse_r) = jax.jit(ours)(q, k, v), jax.jit(ref)(q, k, v)
     assert np.isneginf(np.asarray(lse)[0, 0]).all() and not np.asarray(o)[0, 0].any()
     np.testing.assert_allclose(np.asarray(o), np.asarray(o_r), rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(np.isfinite(lse), np.isfinite(lse_r))
     np.testing.assert_allclose(np.where(np.isfinite(lse), lse, 0), np.where(np.isfinite(lse_r), lse_r, 0), rtol=1e-5)
     g = jax.jit(jax.grad(functools.partial(loss, ours), argnums=(0, 1, 2)))(q, k, v)
-    g_r = jax.grad(functools.partial(loss, ref), argnums=(0, 1, 2))(q, k, v)
+    g_r = jax.jit(jax.grad(functools.partial(loss, ref), argnums=(0, 1, 2)))(q, k, v)
     for a, r in zip(g, g_r):
         np.testing.assert_allclose(np.asarray(a), np.asarray(r), rtol=1e-4, atol=1e-5)
 
