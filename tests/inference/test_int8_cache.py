@@ -57,8 +57,9 @@ PROMPT, STEPS = 8, 3
 
 
 @functools.lru_cache(maxsize=None)
-def decode_logits(name, dtype, **kw):
-    """Logits [B, PROMPT + STEPS, V] of a prefill then one-token steps, and of one prefill of all tokens."""
+def decode_logits(name, dtype, at_once=False, **kw):
+    """Logits [B, PROMPT + STEPS, V] of a prefill then one-token steps, and (with ``at_once``; None
+    otherwise, sparing a compile) of one prefill of all tokens."""
     cfg = cfg_of(name, **dict(kw))
     _, params = init_params(cfg)
     forward = jax.jit(tpa_jax.logits_fn(cfg))
@@ -68,6 +69,8 @@ def decode_logits(name, dtype, **kw):
     for i in range(PROMPT, PROMPT + STEPS):
         logits, cache = forward(params, tok[:, i:i + 1], cache=cache)
         out.append(logits)
+    if not at_once:
+        return np.concatenate([np.asarray(x) for x in out], axis=1), None
     at_once, _ = forward(params, tok, cache=init_cache(cfg, 2, 16, dtype=dtype))
     return np.concatenate([np.asarray(x) for x in out], axis=1), np.asarray(at_once)
 
@@ -78,7 +81,7 @@ def test_int8_decode_is_close_to_the_float32_cache(name):
     and the int8 decode steps equal one int8 prefill of the same tokens (1e-5): a decode step
     attends to its own token as the cache holds it."""
     want, _ = decode_logits(name, "float32")
-    got, at_once = decode_logits(name, "int8")
+    got, at_once = decode_logits(name, "int8", at_once=True)
     assert np.abs(got - want).max() <= 0.04 * np.abs(want).max()
     assert np.abs(got - want).max() > 0  # the cache really is quantised
     np.testing.assert_allclose(got, at_once, rtol=1e-5, atol=1e-5)
@@ -122,14 +125,16 @@ def test_flashtpa_int8_decode_equals_float64_softmax(s_len, one_pass, plain_q):
     lengths = jnp.asarray([s_len - 3, 5], jnp.int32)  # rows past a length hold random (finite) int8
     rng = np.random.default_rng(1)
     kw = dict(k_rank=r, v_rank=u, scale=scale, block_size=8, one_pass=one_pass, scales=scales)
+    # jitted: one compiled program rather than many eagerly dispatched ops
     if plain_q:
         q = rng.standard_normal((b, h, d))
-        got = flashtpa.flashtpa_decode_plain_q(jnp.asarray(q, jnp.float32), *kv, lengths, **kw)
+        got = jax.jit(lambda *a: flashtpa.flashtpa_decode_plain_q(*a, **kw))(jnp.asarray(q, jnp.float32), *kv,
+                                                                             lengths)
     else:
         a_q, b_q = rng.standard_normal((b, p, h)), rng.standard_normal((b, p, d))
         q = np.einsum("bph,bpd->bhd", a_q, b_q) / p
-        got = flashtpa.flashtpa_decode(jnp.asarray(a_q, jnp.float32), jnp.asarray(b_q, jnp.float32), *kv, lengths,
-                                       q_rank=p, **kw)
+        got = jax.jit(lambda *a: flashtpa.flashtpa_decode(*a, q_rank=p, **kw))(
+            jnp.asarray(a_q, jnp.float32), jnp.asarray(b_q, jnp.float32), *kv, lengths)
     assert got.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(got), reference(q, kv, scales, lengths, scale, (r, u)), rtol=1e-5, atol=1e-5)
 
@@ -240,9 +245,9 @@ def test_pallas_int8_decode_equals_float64_softmax(block):
     lengths = jnp.asarray([s_len - 3, 9], jnp.int32)
     rng = np.random.default_rng(6)
     a_q, b_q = rng.standard_normal((b, p, h)), rng.standard_normal((b, p, d))
-    got = flashtpa_decode_pallas(jnp.asarray(a_q, jnp.float32), jnp.asarray(b_q, jnp.float32), *kv, lengths,
-                                 q_rank=p, k_rank=r, v_rank=u, scale=scale, block_size=block, interpret=True,
-                                 scales=scales)
+    pallas = jax.jit(lambda *a: flashtpa_decode_pallas(*a, q_rank=p, k_rank=r, v_rank=u, scale=scale,
+                                                       block_size=block, interpret=True, scales=scales))
+    got = pallas(jnp.asarray(a_q, jnp.float32), jnp.asarray(b_q, jnp.float32), *kv, lengths)
     q = np.einsum("bph,bpd->bhd", a_q, b_q) / p
     assert got.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(got), reference(q, kv, scales, lengths, scale, (r, u)), rtol=1e-5, atol=1e-5)
