@@ -160,8 +160,8 @@ class LayerCache(NamedTuple):
     A paged cache (``page_table`` int32 [B, J], ``tpa_jax.inference.paged``) holds a pool of pages
     {name: [L, N, page_size, ...]} instead: row s of sequence b is row ``s % page_size`` of page
     ``page_table[b, s // page_size]``, writes to pages past the pool (``N``, no page) are dropped, and
-    a read gathers each sequence's pages into rows [B, J page_size, ...] (:func:`paged_rows`; FlashTPA
-    decoding reads the pool page by page instead, :meth:`pages`)."""
+    a read gathers each sequence's pages into rows [B, J page_size, ...] (:func:`paged_rows`; one-token
+    decoding reads the pool in blocks of pages instead, :meth:`pages`, :func:`paged_parts`)."""
 
     layers: dict[str, jax.Array]
     index: jax.Array
