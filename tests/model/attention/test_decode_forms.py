@@ -6,7 +6,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tpa_jax.model.attention.decode import DECODE_FORMS, decode_attention, decode_form
+from tpa_jax.model.attention.decode import DECODE_FORMS, decode_form, rows_attention, with_token
+
+
+def decode_attention(q_B1HD, rows, new, start_B, *, scale, form):
+    """The model's decode step on a contiguous cache: the rows' (o, lse), then the token joined."""
+    q_BHD = q_B1HD[:, 0]
+    return with_token(q_BHD, *rows_attention(q_BHD, *rows, start_B, scale=scale, form=form), new, scale=scale)
+
 
 _decode = jax.jit(decode_attention, static_argnames=("scale", "form"))  # one compile per case, not per op
 

@@ -230,8 +230,7 @@ def page_rows(pool: jax.Array, pages: jax.Array) -> jax.Array:
 
 def paged_rows(pool: jax.Array, page_table_BJ: jax.Array) -> jax.Array:
     """A pool [N, page_size, ...] read as each sequence's rows [B, J page_size, ...] (:func:`page_rows`)."""
-    b, j = page_table_BJ.shape
-    return page_rows(pool, page_table_BJ.reshape(-1)).reshape(b, j * pool.shape[1], *pool.shape[2:])
+    return block_rows(pool, page_table_BJ, jnp.int32(0), page_table_BJ.shape[1])
 
 
 PAGED_BLOCK_ROWS = 64  # about this many rows (whole pages) per block of a paged decode's loop
@@ -278,6 +277,20 @@ def paged_parts(cache: LayerCache, kv_len_B: jax.Array, attend_rows, dtype) -> t
 
     n_blocks = (jnp.max(kv_len_B) + rows_per - 1) // rows_per
     return jax.lax.fori_loop(1, n_blocks, lambda i, acc: merge_parts(*acc, *part(i)), part(jnp.int32(0)))
+
+
+def attend_cache(cache, kv_len_B: jax.Array, attend_rows, dtype) -> tuple[jax.Array, jax.Array]:
+    """(o, lse) of one query per sequence over the rows ``s < kv_len_B[b]`` of a layer's cache, by
+    ``attend_rows(rows, n_B)`` (see :func:`paged_parts`): a paged cache block by block, otherwise the
+    layer's rows at once (an int8 cache's dequantised to ``dtype``)."""
+    if is_paged(cache):
+        return paged_parts(cache, kv_len_B, attend_rows, dtype)
+    return attend_rows(dequantize_rows(read_cache(cache), dtype), kv_len_B)
+
+
+def stored_leaves(cache) -> dict[str, jax.Array]:
+    """The leaves a cache stores, for their names and dtypes (a :class:`LayerCache`'s stack or pool)."""
+    return cache.layers if isinstance(cache, LayerCache) else cache
 
 
 def write_stack(layers: dict[str, jax.Array], new: dict[str, jax.Array], start_B: jax.Array,

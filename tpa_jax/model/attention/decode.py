@@ -97,11 +97,3 @@ def with_token(q_BHD: jax.Array, o_BHE: jax.Array, lse_BH: jax.Array, new: tuple
     o_new, lse_new = new_token_part(q_BHD, new[0][:, 0], new[1][:, 0], scale=scale)
     return merge_parts(o_BHE, lse_BH, o_new, lse_new)[0][:, None]
 
-
-def decode_attention(q_B1HD: jax.Array, rows: tuple[jax.Array, jax.Array], new: tuple[jax.Array, jax.Array],
-                     start_B: jax.Array, *, scale: float, form: str) -> jax.Array:
-    """o [B, 1, H, E] float32 of the new token (at position ``start_B``) over the cache rows
-    ``< start_B`` (``rows`` = K [B, S, K, D], V [B, S, K, E], read before the write) and itself
-    (``new`` = its K [B, 1, K, D] and V [B, 1, K, E])."""
-    q_BHD = q_B1HD[:, 0]
-    return with_token(q_BHD, *rows_attention(q_BHD, *rows, start_B, scale=scale, form=form), new, scale=scale)

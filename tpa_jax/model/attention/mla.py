@@ -22,8 +22,8 @@ from ...config import ModelConfig
 from ...parallel import constrain
 from ..layers import RMSNorm, cast, fan_in_init, param
 from ..rope import Rope, apply_rope
-from .core import (AttentionMask, CacheLeaf, filled_BS, is_paged, merge_parts, output_params, paged_parts,
-                   project_out, read_cache, row_softmax, write_cache)
+from .core import (AttentionMask, CacheLeaf, attend_cache, filled_BS, merge_parts, output_params, project_out,
+                   read_cache, row_softmax, stored_leaves, write_cache)
 from .context import context_size, expanded_partial, sharded_cache_attention, varying
 from .dispatch import attention_items
 from .quant import as_stored, dequantize_rows
@@ -101,10 +101,7 @@ class MLAttention(nn.Module):
             o_lat_BHC = jnp.einsum("bsh,bsc->bhc", p_BSH.astype(c_kv_BSC.dtype), c_kv_BSC, preferred_element_type=f32)
             return o_lat_BHC / l_BH[..., None], lse_BH
 
-        if is_paged(cache):
-            o_lat_BHC, lse_BH = paged_parts(cache, start_B, attend, cfg.compute_dtype)
-        else:  # an int8 cache: the layer's rows dequantised
-            o_lat_BHC, lse_BH = attend(dequantize_rows(read_cache(cache), cfg.compute_dtype), start_B)
+        o_lat_BHC, lse_BH = attend_cache(cache, start_B, attend, cfg.compute_dtype)
         c_new_BC, k_r_new_BF = new["c_kv"][:, 0].astype(f32), new["k_r"][:, 0].astype(f32)
         lse_new_BH = jnp.einsum("bhc,bc->bh", q_lat_BHC, c_new_BC) + jnp.einsum("bhf,bf->bh", q_r_BHF, k_r_new_BF)
         o_new_BHC = jnp.broadcast_to(c_new_BC[:, None], o_lat_BHC.shape)
@@ -120,8 +117,7 @@ class MLAttention(nn.Module):
         q_c_BTHD, q_r_BTHF = self.queries(x_BTM, rope)
         if (cache is not None and x_BTM.shape[1] == 1 and cfg.decode_impl != "materialize"
                 and context_size() == 1):  # absorbed decode: read the rows, then write the token (in place)
-            stored = cache.pages()[0] if is_paged(cache) else read_cache(cache)
-            new = as_stored(items, stored, cfg.compute_dtype)  # as the cache will hold them
+            new = as_stored(items, stored_leaves(cache), cfg.compute_dtype)  # as the cache will hold them
             o_B1HE = self.absorbed_attention(q_c_BTHD, q_r_BTHF, cache, start_B, new)
             return project_out(cfg, o_B1HE, self.w_o, self.out_norm), write_cache(cache, items, start_B)
         if cache is not None:

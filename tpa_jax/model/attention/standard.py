@@ -12,7 +12,7 @@ from ...config import ModelConfig
 from ..layers import cast, fan_in_init, param
 from ..rope import Rope, apply_rope
 from .context import context_size, expanded_partial, sharded_cache_attention
-from .core import (AttentionMask, CacheLeaf, is_paged, output_params, paged_parts, project_out, read_cache,
+from .core import (AttentionMask, CacheLeaf, attend_cache, output_params, project_out, read_cache, stored_leaves,
                    write_cache)
 from .decode import decode_form, rows_attention, with_token
 from .dispatch import attention_items
@@ -69,13 +69,8 @@ class StandardAttention(nn.Module):
                 form = decode_form(cfg.kv_heads, cfg.n_head, rows["k"].dtype)
                 return rows_attention(q_BHD, rows["k"], rows["v"], kv_len_B, scale=cfg.attn_scale, form=form)
 
-            if is_paged(cache):  # page by page, up to the longest length
-                stored = cache.pages()[0]
-                o_BHE, lse_BH = paged_parts(cache, start_B, attend, cfg.compute_dtype)
-            else:
-                stored = read_cache(cache)  # an int8 cache: the layer's rows dequantised
-                o_BHE, lse_BH = attend(dequantize_rows(stored, cfg.compute_dtype), start_B)
-            new = as_stored(items, stored, cfg.compute_dtype)  # as the cache will hold them
+            o_BHE, lse_BH = attend_cache(cache, start_B, attend, cfg.compute_dtype)  # a paged one block by block
+            new = as_stored(items, stored_leaves(cache), cfg.compute_dtype)  # as the cache will hold them
             o_B1HE = with_token(q_BHD, o_BHE, lse_BH, (new["k"], new["v"]), scale=cfg.attn_scale)
             cache = write_cache(cache, items, start_B)
             return project_out(cfg, o_B1HE.astype(x_BTM.dtype), self.w_o, self.out_norm), cache
